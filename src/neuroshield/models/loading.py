@@ -195,11 +195,20 @@ def _cached_gguf_folder(sha256: str, materialize: Any, gguf_name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
         out = tmp_path / "model"
+        # The weights are dequantized float32 now; drop the GGUF quantizer so save_pretrained writes them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
         (out / "neuroshield-cache.json").write_text(
             json.dumps({"format": CACHE_FORMAT, "gguf_sha256": sha256, "gguf_name": gguf_name, "files": files}, indent=1)
         )
-        os.replace(out, folder)  # atomic: the folder appears complete or not at all
+        try:
+            os.replace(out, folder)  # atomic: the folder appears complete or not at all
+        except OSError:
+            # another process finished the same build first; use its copy if it is sound
+            if not _cache_is_valid(folder):
+                raise
     return folder

