@@ -89,7 +89,7 @@ def test_position_masks_cover_user_text_and_template() -> None:
 
 
 def test_unknown_hub_id_gives_clear_error() -> None:
-    with pytest.raises(ModelLoadError, match="not in the Hugging Face cache"):
+    with pytest.raises(ModelLoadError, match="Hugging Face cache"):
         load_model("no-such-org/no-such-model-xyz")
 
 
