@@ -1,0 +1,66 @@
+"""`neuroshield evaluate`: ASR / refusal / over-refusal per language x modality, MGSM and XCOPA accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from neuroshield.commands.common import split_list, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate_cmd(
+        model: str = typer.Option("default", "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
+        patch: Path | None = typer.Option(None, help="Safety patch (.safetensors) to apply for the evaluation."),
+        harmful: str = typer.Option("xsafety", help="Harmful sets, comma-separated (names or files); '' for none."),
+        benign: str = typer.Option("parallel-benign,mgsm", help="Benign sets for over-refusal; '' for none."),
+        capability: str = typer.Option("mgsm,xcopa", help="Capability tasks: mgsm, xcopa; '' for none."),
+        languages: str | None = typer.Option(None, help="Languages (ISO 639-1, comma-separated); default: all of each set."),
+        mgsm_languages: str | None = typer.Option(None, help="MGSM languages (default: --languages)."),
+        xcopa_languages: str | None = typer.Option(None, help="XCOPA languages (default: --languages)."),
+        limit: int | None = typer.Option(None, help="Prompts per language and set."),
+        benign_limit: int | None = typer.Option(None, help="Benign prompts per language (default: --limit)."),
+        mgsm_limit: int | None = typer.Option(None, help="MGSM problems per language (default: --limit)."),
+        xcopa_limit: int | None = typer.Option(None, help="XCOPA items per language (default: --limit)."),
+        judge: str = typer.Option("refusal-phrase", help="refusal-phrase | logprob | path to a classifier/guard folder."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (eval.json, eval.csv, generations cache)."),
+        tag: str | None = typer.Option(None, help="Name of this evaluation in reports (default: base / patch name)."),
+        batch_size: int = typer.Option(8, help="Prompts per batch."),
+        max_new_tokens: int = typer.Option(48, help="Tokens generated per safety prompt."),
+        mgsm_max_new_tokens: int = typer.Option(256, help="Tokens generated per MGSM problem."),
+        backend: str = typer.Option("hf", help="hf | vllm (vllm: checkpoints only)."),
+        dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        n_resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95 % intervals."),
+        seed: int = typer.Option(0, help="Bootstrap seed."),
+    ) -> None:
+        """Evaluate a model (optionally patched): safety per language x modality, MGSM, XCOPA."""
+        import time
+
+        from neuroshield.evaluate.evaluate import EvalSuite, evaluate
+        from neuroshield.models import load_model
+
+        with user_errors():
+            start = time.perf_counter()
+            suite = EvalSuite.from_sources(
+                harmful=split_list(harmful) or [], benign=split_list(benign) or [],
+                capability=split_list(capability) or [], languages=split_list(languages), limit=limit,
+                benign_limit=benign_limit, mgsm_limit=mgsm_limit, xcopa_limit=xcopa_limit,
+                mgsm_languages=split_list(mgsm_languages), xcopa_languages=split_list(xcopa_languages),
+            )
+            typer.echo(f"suite: {len(suite.harmful)} harmful, {len(suite.benign)} benign, {len(suite.mgsm)} MGSM, "
+                       f"{len(suite.xcopa)} XCOPA")
+            loaded = load_model(model, dtype=dtype)
+            result = evaluate(loaded, suite, patch=patch, judge=judge, out_dir=out, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, mgsm_max_new_tokens=mgsm_max_new_tokens,
+                              backend=backend, tag=tag, n_resamples=n_resamples, seed=seed)
+        typer.echo(f"judge: {result.judge.get('name')}@{result.judge.get('version')}   "
+                   f"wall time {time.perf_counter() - start:.0f} s")
+        for c in result.safety:
+            rate = c.asr if c.role == "harmful" else c.over_refusal
+            what = "ASR" if c.role == "harmful" else "over-refusal"
+            typer.echo(f"  {c.role:8s} {c.language:4s} {c.modality:6s} {what:13s} {rate.pct() if rate else 'n/a':>24s}  n={c.n}")
+        for c in result.capability:
+            typer.echo(f"  {c.task:8s} {c.language:4s} {'':6s} {'accuracy':13s} {c.accuracy.pct():>24s}  n={c.n}")
+        typer.echo(f"written: {Path(out) / 'eval.json'}")

@@ -1,0 +1,147 @@
+"""`neuroshield identify` and `neuroshield overlap` (thin; see neuroshield.neurons.identify)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import typer
+
+from neuroshield.commands.common import print_json, split_list, user_errors
+
+log = logging.getLogger(__name__)
+
+PARALLEL_BENIGN = "parallel-benign"
+
+
+def split_sources(value: str) -> list[str]:
+    """Comma-separated data sources; `xsafety:Insult,Mental_Health` keeps its option's commas.
+
+    A piece that is not a registered name, `name:option`, `parallel-benign` or an existing file is
+    taken as one more item of the previous source's option (when that source has one).
+    """
+    from neuroshield.data.loaders import DATASETS
+
+    out: list[str] = []
+    for piece in split_list(value) or []:
+        is_source = (piece in DATASETS or piece == PARALLEL_BENIGN or ":" in piece or Path(piece).expanduser().exists()
+                     or "/" in piece or piece.endswith((".csv", ".tsv", ".jsonl", ".json", ".txt", ".xlsx")))
+        if not is_source and out and ":" in out[-1]:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
+def load_sources(sources: Sequence[str], languages: Sequence[str], label: str, argument: str) -> list:
+    """Records of `label` in `languages` from each source; a registered set is asked only for the
+    languages it has, so e.g. `mgsm,parallel-benign` covers languages MGSM lacks."""
+    from neuroshield.data.loaders import DATASETS, load_prompts
+
+    records = []
+    for src in sources:
+        if src == PARALLEL_BENIGN:
+            try:
+                from neuroshield.data.templates import SUPPORTED_LANGUAGES, load_parallel_benign
+            except ImportError:
+                raise ValueError(f"{argument}: the parallel benign set is not available in this build") from None
+            langs = [lang for lang in languages if lang in SUPPORTED_LANGUAGES]
+            records += [r for r in load_parallel_benign(langs) if r.label == label] if langs else []
+            continue
+        name = src.split(":", 1)[0]
+        if src in DATASETS or (name in DATASETS and ":" in src):
+            langs = [lang for lang in languages if lang in DATASETS[name].languages]
+            if not langs:
+                log.warning("%s: %s has none of the languages %s; skipped", argument, src, ", ".join(languages))
+                continue
+            records += load_prompts(src, languages=langs, label=label)
+        else:
+            recs = load_prompts(src, label=label)
+            records += [r for r in recs if r.language in set(languages)]
+    return records
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("identify")
+    def identify_cmd(
+        model: str = typer.Option("default", "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
+        harmful: str = typer.Option("xsafety", help="Harmful prompts: registered names / name:option / files, "
+                                                    "comma-separated (e.g. xsafety, xsafety:Insult,Mental_Health)."),
+        benign: str = typer.Option("mgsm,parallel-benign",
+                                   help="Benign prompts, comma-separated; each set gives the languages it has."),
+        languages: str = typer.Option("en,zh", help="Languages, comma-separated (ISO 639-1)."),
+        method: str = typer.Option("plnd", help="plnd | precise-shield | mean-diff | t-stat, comma-separated."),
+        rho: float = typer.Option(0.03, help="Share of each site's units taken per group (top-ρ)."),
+        top_k: int | None = typer.Option(None, "--top-k", help="Units per site instead of --rho."),
+        sites: str = typer.Option("ffn", help="Site kinds: ffn, attn_q, attn_k, attn_v, attn_o, comma-separated."),
+        positions: str = typer.Option("prompt", help="Counted tokens: prompt | user | last | post."),
+        high_resource: str = typer.Option("en", help="High-resource language(s) for SS = MS(HR) ∩ MS(lang)."),
+        limit: int | None = typer.Option(None, help="Prompts per language and label (after the split)."),
+        split: str = typer.Option("held-in", help="held-in (default) | held-out | all: the prompt-id split; "
+                                                  "validation and evaluation use the held-out half."),
+        held_out_fraction: float = typer.Option(0.5, help="Share of ids held out."),
+        split_seed: int = typer.Option(0, help="Seed of the id split."),
+        seed: int = typer.Option(0, help="Seed of tie-breaking in the selection."),
+        batch_size: int = typer.Option(8, help="Prompts per forward pass."),
+        max_length: int = typer.Option(512, help="Tokens per prompt (longer user texts lose their start)."),
+        qk_impact: str = typer.Option("exact", help="q/k plnd statistics: exact | pair (cheaper bound)."),
+        dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        out: Path = typer.Option(..., "--out", "-o", help="Run folder (stats/, <method>/, summary.json)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ) -> None:
+        """Find monolingual (MS) and shared (SS) safety neurons per language."""
+        from neuroshield.models import load_model
+        from neuroshield.neurons.identify import identify
+        from neuroshield.neurons.splits import limit_per_group, select_split
+
+        with user_errors():
+            langs = split_list(languages) or []
+            harm = load_sources(split_sources(harmful), langs, "harmful", "--harmful")
+            ben = load_sources(split_sources(benign), langs, "benign", "--benign")
+            n_all = len(harm) + len(ben)
+            harm = limit_per_group(select_split(harm, split, held_out_fraction, split_seed), limit)
+            ben = limit_per_group(select_split(ben, split, held_out_fraction, split_seed), limit)
+            typer.echo(f"prompts: {len(harm)} harmful + {len(ben)} benign of {n_all} ({split} split"
+                       f"{', --limit ' + str(limit) if limit is not None else ''})", err=True)
+            loaded = load_model(model, dtype=dtype)
+            res = identify(
+                loaded, harm, ben, languages=langs, method=split_list(method) or ["plnd"], rho=rho,
+                sites=tuple(split_list(sites) or ["ffn"]), positions=positions,
+                high_resource=tuple(split_list(high_resource) or ["en"]), out_dir=out, batch_size=batch_size,
+                top_k=top_k, seed=seed, max_length=max_length, qk_impact=qk_impact,
+                extra={"harmful": harmful, "benign": benign, "split": split, "held_out_fraction": held_out_fraction,
+                       "split_seed": split_seed, "limit": limit, "dtype": dtype},
+            )
+        if as_json:
+            print_json(res.summary)
+            return
+        s = res.summary
+        typer.echo(f"{s['model_id']}: {s['layers']} layers, sites {','.join(s['sites'])}, "
+                   f"{s['wall_seconds']:.0f} s, peak RSS {s['peak_rss_mb']:.0f} MiB")
+        for m, sets in s["sets"].items():
+            typer.echo(f"[{m}]")
+            for name, info in sets.items():
+                typer.echo(f"  {name:12s} {info['neurons']:>6d} neurons  {info['owned_parameters']:>11,} params "
+                           f"({100 * info['owned_fraction']:.3f} %)")
+        typer.echo(f"written to {res.out_dir}")
+
+    @app.command("overlap")
+    def overlap_cmd(
+        run_dir: Path = typer.Argument(..., help="A run folder written by `neuroshield identify`."),
+    ) -> None:
+        """Overlap (with chance levels) and layer plots of the sets of an identify run."""
+        import json
+
+        from neuroshield.neurons.identify import overlap_report
+
+        with user_errors():
+            folder = overlap_report(run_dir)
+        index = json.loads((folder / "overlap.json").read_text())
+        for method, entry in index["methods"].items():
+            typer.echo(f"[{method}] mean overlap {entry.get('mean_overlap')} "
+                       f"(chance {entry.get('mean_chance_overlap')})")
+            for h, row in entry.get("high_resource_vs", {}).items():
+                cells = ", ".join(f"{o} {c['overlap']:.2f}/{c['chance_overlap']:.2f}" for o, c in row.items())
+                typer.echo(f"  MS({h}) vs: {cells}  (observed/chance overlap coefficient)")
+        typer.echo(f"written to {folder}")

@@ -1,0 +1,30 @@
+"""`neuroshield run CONFIG`: the whole pipeline, resumable."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from neuroshield.commands.common import split_list, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        config: str = typer.Argument(..., help="Pipeline YAML (see configs/quick.yaml, configs/full.yaml)."),
+        stages: str = typer.Option("identify,validate,train,evaluate,report", help="Stages to run, comma-separated."),
+        out_dir: str = typer.Option(None, help="Override the config's out_dir."),
+    ) -> None:
+        """Run identify -> overlap -> validate -> train -> evaluate -> report; finished stages are skipped."""
+        from neuroshield.config import load_config
+        from neuroshield.pipeline import run_pipeline
+
+        start = time.perf_counter()
+        with user_errors():
+            cfg = load_config(config)
+            if out_dir:
+                cfg.out_dir = out_dir
+            report = run_pipeline(cfg, tuple(split_list(stages) or ()))
+        typer.echo(f"done in {time.perf_counter() - start:.0f} s")
+        typer.echo(f"report: {report.resolve()}")

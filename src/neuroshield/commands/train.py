@@ -1,0 +1,169 @@
+"""`neuroshield train` (neuron-only training, LoRA and full baselines) and `neuroshield patch apply|revert|info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from neuroshield.commands.common import print_json, split_list, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        model: str = typer.Option("default", "--model", help="default | smollm2 | .gguf | local folder | Hub id"),
+        recipe: str = typer.Option(..., "--recipe", help="precise-shield | ss-expansion | random | lora | full"),
+        set_path: str = typer.Option(None, "--set", help="Neuron set file, or a folder of ms_<lang> sets "
+                                     "(needed by precise-shield, ss-expansion, random)."),
+        set_languages: str = typer.Option(None, help="precise-shield: languages whose sets to unite "
+                                          "(default: every ms_<lang> in the --set folder)."),
+        modalities: str = typer.Option("text", help="precise-shield: modalities whose sets to unite (text,image)."),
+        like: str = typer.Option("precise-shield", help="random: the recipe whose set the control copies."),
+        high_resource: str = typer.Option("en", help="ss-expansion: the high-resource language."),
+        budget: float = typer.Option(0.0003, help="precise-shield: parameter budget as a fraction of all."),
+        languages: str = typer.Option("en", help="Languages of the harmful training prompts (comma-separated)."),
+        harmful: str = typer.Option("xsafety", help="Harmful prompts: a data set name or a file."),
+        harmful_split: str = typer.Option("held-in", help="held-in | held-out | all (split by prompt id)."),
+        held_out_fraction: float = typer.Option(0.5, help="Share of prompt ids held out for evaluation."),
+        split_seed: int = typer.Option(0, help="Seed of the held-in/held-out split."),
+        harmful_limit: int = typer.Option(None, help="At most this many harmful prompts per language."),
+        use_references: bool = typer.Option(False, help="Harmful records with a reference refusal use it."),
+        benign: str = typer.Option("alpaca-seed", help="Benign prompts: a data set name or a file ('' for none)."),
+        benign_languages: str = typer.Option(None, help="Languages of the benign prompts (default: all)."),
+        benign_limit: int = typer.Option(None, help="At most this many benign prompts per language."),
+        benign_answers: str = typer.Option("self", help="self (base model's answers, cached) | reference."),
+        benign_cache: str = typer.Option(None, help="JSONL cache of the base model's answers "
+                                         "(default: <out>/../benign-answers.jsonl, shared by recipes)."),
+        benign_max_new_tokens: int = typer.Option(128, help="Length of the base model's benign answers."),
+        benign_fraction: float = typer.Option(0.5, help="Share of benign examples in every batch."),
+        steps: int = typer.Option(60, help="Optimizer steps."),
+        lr: float = typer.Option(None, help="Learning rate (default per recipe, see docs/training.md)."),
+        batch_size: int = typer.Option(4, help="Examples per micro-batch and process."),
+        grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+        max_length: int = typer.Option(256, help="Tokens per example (prompt + response)."),
+        seed: int = typer.Option(0, help="Seed of the data order and of the random control."),
+        weight_decay: float = typer.Option(0.0, help="AdamW weight decay (on the trainable tensors only)."),
+        max_grad_norm: float = typer.Option(1.0, help="Gradient clipping (0: off)."),
+        warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
+        lora_r: int = typer.Option(16, help="LoRA rank."),
+        lora_alpha: int = typer.Option(32, help="LoRA alpha."),
+        dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        mixed_precision: str = typer.Option("no", help="accelerate mixed precision: no | bf16 | fp16"),
+        gradient_checkpointing: bool = typer.Option(False, help="Recompute activations (less memory)."),
+        out: Path = typer.Option(..., "--out", help="Run folder of this training."),
+        checkpoint_every: int = typer.Option(20, help="Write a checkpoint every N steps."),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the latest checkpoint."),
+        export: bool = typer.Option(True, "--export/--no-export", help="Write the merged checkpoint to <out>/model."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ) -> None:
+        """Train only the safety neurons (or a LoRA / full baseline); write checkpoint, patch and summary."""
+        from neuroshield.data.loaders import load_prompts
+        from neuroshield.models import load_model
+        from neuroshield.neurons.splits import limit_per_group, select_split
+        from neuroshield.train.recipes import NEURON_RECIPES, RECIPES, recipe_neuron_set, train
+
+        with user_errors():
+            if recipe not in RECIPES:
+                raise ValueError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+            if recipe in NEURON_RECIPES and not set_path:
+                raise ValueError(f"--recipe {recipe} needs --set (a neuron set file or a folder of ms_<lang> sets)")
+            langs = split_list(languages)
+            loaded = load_model(model, dtype=dtype)
+            harm = load_prompts(harmful, languages=langs, label="harmful")
+            harm = limit_per_group(select_split(harm, harmful_split, held_out_fraction, split_seed), harmful_limit)
+            ben = []
+            if benign:
+                ben = load_prompts(benign, languages=split_list(benign_languages), label="benign")
+                ben = limit_per_group(select_split(ben, "all"), benign_limit)
+            ns = None
+            if recipe in NEURON_RECIPES:
+                ns = recipe_neuron_set(recipe, loaded, set_path, set_languages=split_list(set_languages),
+                                       modalities=split_list(modalities) or ["text"], high_resource=high_resource,
+                                       budget=budget, like=like, seed=seed)
+            cache = Path(benign_cache) if benign_cache else out.parent / "benign-answers.jsonl"
+            result = train(
+                loaded, recipe, neuron_set=ns, harmful=harm, benign=ben, languages=langs, steps=steps, lr=lr,
+                batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, out_dir=out,
+                checkpoint_every=checkpoint_every, resume=resume, weight_decay=weight_decay,
+                max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, benign_fraction=benign_fraction,
+                benign_answers=benign_answers, benign_cache=cache, benign_max_new_tokens=benign_max_new_tokens,
+                use_references=use_references, lora_r=lora_r, lora_alpha=lora_alpha, export=export,
+                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+            )
+        summary = result.to_dict()
+        summary.pop("losses", None)
+        if as_json:
+            print_json(summary)
+            return
+        typer.echo(f"recipe        {result.recipe}  ({result.neurons or '-'} neurons)  steps {result.steps_done}")
+        typer.echo(f"updated       {result.parameters_updated:,} of {result.total_parameters:,} parameters "
+                   f"({100 * result.fraction_updated:.4f} %), trainable tensors {result.trainable_parameters:,}")
+        typer.echo(f"loss          {result.losses[0]['loss'] if result.losses else float('nan'):.4f} -> "
+                   f"{result.final_loss if result.final_loss is not None else float('nan'):.4f}")
+        typer.echo(f"time          {result.wall_seconds:.1f} s ({result.seconds_per_step:.2f} s/step)")
+        typer.echo(f"memory        peak RSS {result.peak_rss_train_mb or result.peak_rss_mb:,.0f} MB while training "
+                   f"(model loaded: {result.rss_before_mb or float('nan'):,.0f} MB)" +
+                   (f", CUDA max allocated {result.peak_cuda_mb:,.0f} MB" if result.peak_cuda_mb is not None else ""))
+        if result.patch:
+            typer.echo(f"patch         {result.patch}")
+        if result.model_dir:
+            typer.echo(f"model         {result.model_dir}")
+        typer.echo(f"summary       {Path(result.out_dir) / 'summary.json'}")
+
+    patch = typer.Typer(help="Safety patches: apply, revert, inspect.", no_args_is_help=True)
+    app.add_typer(patch, name="patch")
+
+    def _apply_or_revert(action: str, model: str, patch_path: Path, out: Path, dtype: str | None) -> None:
+        from neuroshield.models import load_model
+        from neuroshield.train.patch import apply_patch, revert_patch
+
+        with user_errors():
+            loaded = load_model(model, dtype=dtype)
+            meta = (apply_patch if action == "apply" else revert_patch)(loaded, patch_path)
+            loaded.model.save_pretrained(str(out), safe_serialization=True)
+            loaded.tokenizer.save_pretrained(str(out))
+        typer.echo(f"{action}: {meta.get('parameters_touched', 0):,} parameters ({meta.get('recipe', '?')}) "
+                   f"-> {out}")
+
+    @patch.command("apply")
+    def apply_cmd(
+        model: str = typer.Option(..., "--model", help="The base model the patch was made for."),
+        patch_path: Path = typer.Option(..., "--patch", help="safety_patch.safetensors"),
+        out: Path = typer.Option(..., "--out", help="Folder for the patched model."),
+        dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+    ) -> None:
+        """Write the patch into the base model and save the patched model."""
+        _apply_or_revert("apply", model, patch_path, out, dtype)
+
+    @patch.command("revert")
+    def revert_cmd(
+        model: str = typer.Option(..., "--model", help="A patched model."),
+        patch_path: Path = typer.Option(..., "--patch", help="The patch it holds."),
+        out: Path = typer.Option(..., "--out", help="Folder for the restored base model."),
+        dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+    ) -> None:
+        """Restore the base weights bit-exactly and save the model."""
+        _apply_or_revert("revert", model, patch_path, out, dtype)
+
+    @patch.command("info")
+    def info_cmd(
+        patch_path: Path = typer.Argument(..., help="safety_patch.safetensors"),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Size on disk, parameters touched, per-layer counts."""
+        from neuroshield.train.patch import patch_info
+
+        with user_errors():
+            info = patch_info(patch_path)
+        if as_json:
+            print_json(info)
+            return
+        typer.echo(f"patch       {info['path']}  ({info['size_bytes'] / 1024:,.1f} KiB)")
+        typer.echo(f"model       {info.get('model_id')}  config_hash={info.get('config_hash')}")
+        typer.echo(f"recipe      {info.get('recipe')}  set={info.get('neuron_set')}  neurons={info.get('neurons')}")
+        typer.echo(f"parameters  {info['parameters_touched']:,} touched in {info['matrices']} matrices "
+                   f"({info['parameters_changed']:,} changed)")
+        typer.echo("layer  parameters")
+        for layer, n in info["by_layer"].items():
+            typer.echo(f"{layer:>5}  {n:>10,}")

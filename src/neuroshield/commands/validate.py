@@ -1,0 +1,92 @@
+"""`neuroshield validate`: causal validation of a neuron set against random controls (thin; see intervene.validate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from neuroshield.commands.common import split_list, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("validate")
+    def validate_cmd(
+        model: str = typer.Option("default", "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
+        set_path: Path = typer.Option(..., "--set", help="Neuron set (.safetensors/.json pair, or its base path)."),
+        mode: str = typer.Option("zero", help="zero | scale:<alpha> (e.g. scale:2.0) | mean:<lang>/<modality>/<label>"),
+        stats: Path | None = typer.Option(None, help="Statistics folder (ActivationStats) for mean:<group> modes."),
+        prompts: str = typer.Option("xsafety", help="Harmful prompt set: registered name, name:option, or file."),
+        label: str = typer.Option("harmful", help="Keep prompts with this label (harmful | benign)."),
+        languages: str | None = typer.Option(None, help="Languages, comma-separated (ISO 639-1); default: all."),
+        limit: int | None = typer.Option(None, help="Prompts per language (hash-sampled across categories)."),
+        split: str = typer.Option("held-out", help="held-out (default) | held-in | all: prompt-id split."),
+        held_out_fraction: float = typer.Option(0.5, help="Share of ids held out (as for identification)."),
+        split_seed: int = typer.Option(0, help="Seed of the id split (as for identification)."),
+        controls: int = typer.Option(3, help="Random control sets (same count per layer and site)."),
+        seed: int = typer.Option(0, help="Seed of the first control set (control k uses seed + k)."),
+        benign: str = typer.Option("mgsm", help="Benign prompts for the KL / perplexity guard; '' for none."),
+        benign_limit: int | None = typer.Option(None, help="Benign prompts per language (default: --limit)."),
+        benign_generate: bool = typer.Option(False, help="Also answer benign prompts under every condition "
+                                                         "(over-refusal)."),
+        judge: str = typer.Option("refusal-phrase", help="refusal-phrase | path to a classifier / guard folder."),
+        max_new_tokens: int = typer.Option(48, help="Tokens generated per prompt."),
+        batch_size: int = typer.Option(8, help="Prompts per batch."),
+        dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (validation.json/.csv/.png, generations)."),
+        cache_dir: Path | None = typer.Option(None, help="Generation cache shared between runs (default: OUT/cache)."),
+    ) -> None:
+        """Refusal rate per language with no intervention, with the set, and with random controls."""
+        import time
+
+        from neuroshield.intervene.interventions import parse_mode
+        from neuroshield.intervene.validate import load_validation_prompts, validate
+        from neuroshield.models import load_model
+        from neuroshield.neurons.neuronset import NeuronSet
+
+        with user_errors():
+            start = time.perf_counter()
+            parsed = parse_mode(mode, argument="--mode")
+            langs = split_list(languages)
+            records = load_validation_prompts(prompts, langs, label=label, split=split,
+                                              held_out_fraction=held_out_fraction, split_seed=split_seed, limit=limit)
+            if not records:
+                raise ValueError(f"--prompts {prompts}: no prompts left after --languages/--split/--limit")
+            guard = None
+            if benign:
+                guard = load_validation_prompts(benign, langs or sorted({r.language for r in records}), label=None,
+                                                split=split, held_out_fraction=held_out_fraction,
+                                                split_seed=split_seed,
+                                                limit=benign_limit if benign_limit is not None else limit,
+                                                skip_missing_languages=True) or None
+            loaded = load_model(model, dtype=dtype)
+            neuron_set = NeuronSet.load(set_path, loaded)
+            act_stats = None
+            if parsed.kind == "mean":
+                if stats is None:
+                    raise ValueError(f"--mode {mode} needs --stats (the statistics folder of the identification run)")
+                from neuroshield.neurons.stats import ActivationStats
+
+                act_stats = ActivationStats.load(stats)
+            from neuroshield.evaluate.judges_extra import get_judge
+
+            result = validate(loaded, neuron_set, records, mode=parsed, controls=controls, seed=seed,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, judge=get_judge(judge),
+                              benign_guard=guard, benign_generate=benign_generate, out_dir=out, stats=act_stats,
+                              cache_dir=cache_dir)
+        typer.echo(f"set {neuron_set.name} ({len(neuron_set)} neurons)  mode {parsed}  {controls} controls  "
+                   f"{len(records)} prompts  wall time {time.perf_counter() - start:.0f} s")
+        typer.echo(f"{'group':22s} {'n':>4s} {'none':>6s} {'set':>6s} {'control':>14s}")
+        for r in result.rows:
+            ctrl = "" if r["refusal_control_mean"] is None else \
+                f"{r['refusal_control_mean']:.2f}±{r['refusal_control_sd']:.2f}"
+            typer.echo(f"{r['language'] + '/' + r['modality'] + '/' + r['label']:22s} {r['n']:4d} "
+                       f"{r['refusal_none']:6.2f} {r['refusal_set']:6.2f} {ctrl:>14s}")
+        if result.guard:
+            g = result.guard
+            cm = g.get("control_mean", {})
+            typer.echo(f"benign guard (n={g['n']}): KL/token set {g['set']['kl_per_token']:.4f}"
+                       + (f", controls {cm['kl_per_token']:.4f}" if cm else "")
+                       + f"; perplexity base {g['ppl_base']:.2f}, set {g['set']['ppl']:.2f}"
+                       + (f", controls {cm['ppl']:.2f}" if cm else ""))
+        typer.echo(f"written: {Path(out) / 'validation.json'}")

@@ -1,0 +1,726 @@
+"""Stage 6: evaluate a model (optionally with a safety patch applied) for safety and capability.
+
+`evaluate(loaded, suite, out_dir=...)` measures, per language x modality:
+
+* harmful sets: ASR and refusal rate (judge verdicts on greedy responses);
+* benign sets: over-refusal (share of benign prompts refused);
+* MGSM accuracy and XCOPA accuracy per language (see `capability.py`);
+
+with bootstrap 95 % intervals (`metrics.py`), and writes into `out_dir`:
+
+* `eval.json`: an `EvalResult` (model, patch, judge name@version, data provenance, settings, cells,
+  timings, skipped records); `EvalResult.load(path)` reads it back;
+* `eval.csv`: one row per number;
+* `items.jsonl`: one row per judged prompt / capability item (ids, verdicts, scores; no prompt text);
+* `generations.jsonl`: the cache. Every generation (and every log-likelihood) is appended as soon as
+  its batch is done, keyed by (model config hash, patch hash, task, prompt id, language, modality,
+  prompt text hash, generation settings) and tagged with a fingerprint of the weights (entries of other
+  weights with the same architecture are ignored); a rerun with the same arguments reuses it, so an
+  interrupted run resumes where it stopped and a finished one is not recomputed.
+
+Image records are skipped with a warning when the model has no processor (text-only model).
+`backend="vllm"` generates with vLLM when it is importable (checkpoints only, no patches).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from neuroshield.data.records import PromptRecord
+from neuroshield.evaluate.capability import (
+    mgsm_cells,
+    mgsm_prompt,
+    score_mgsm,
+    score_xcopa,
+    xcopa_cells,
+    xcopa_logprobs,
+)
+from neuroshield.evaluate.judges_extra import get_judge, judge_info, judge_label, judge_responses
+from neuroshield.evaluate.metrics import (
+    N_RESAMPLES,
+    CapabilityCell,
+    Rate,
+    SafetyCell,
+    Verdict,
+    safety_metrics,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+EVAL_FORMAT = 1
+CACHE_FILE = "generations.jsonl"
+
+
+class EvaluationWarning(UserWarning):
+    """Something was skipped during evaluation (e.g. image prompts on a text-only model)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Suite
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSuite:
+    """What to evaluate: records per role. `harmful` / `benign` give ASR and over-refusal; `mgsm` and
+    `xcopa` give capability. `sources` records which data sets each role came from."""
+
+    harmful: list[PromptRecord] = field(default_factory=list)
+    benign: list[PromptRecord] = field(default_factory=list)
+    mgsm: list[PromptRecord] = field(default_factory=list)
+    xcopa: list[PromptRecord] = field(default_factory=list)
+    sources: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for role in ("harmful", "benign"):
+            for r in getattr(self, role):
+                if not isinstance(r, PromptRecord):
+                    raise TypeError(f"EvalSuite.{role} must hold PromptRecord objects, got {type(r).__name__}")
+        for r in self.mgsm:
+            if r.reference is None and "answer" not in r.meta:
+                raise ValueError(f"MGSM record {r.id} ({r.language}) has no reference answer")
+        for r in self.xcopa:
+            if not {"premise", "choice1", "choice2", "question", "label"} <= set(r.meta):
+                raise ValueError(f"XCOPA record {r.id} ({r.language}) lacks premise/choices/question/label in meta")
+
+    def __len__(self) -> int:
+        return len(self.harmful) + len(self.benign) + len(self.mgsm) + len(self.xcopa)
+
+    @classmethod
+    def from_sources(
+        cls, *, harmful: Sequence[str] = (), benign: Sequence[str] = (), capability: Sequence[str] = (),
+        languages: Sequence[str] | None = None, limit: int | None = None, benign_limit: int | None = None,
+        mgsm_limit: int | None = None, xcopa_limit: int | None = None, mgsm_languages: Sequence[str] | None = None,
+        xcopa_languages: Sequence[str] | None = None, root: str | Path | None = None,
+    ) -> EvalSuite:
+        """Load the named data sets (registered names, `name:option`, `parallel-benign`, or file paths).
+
+        `languages` applies to every set, intersected with the languages each set has (a set with none
+        of them is skipped with a warning); `mgsm_languages` / `xcopa_languages` override it for
+        capability. Limits are per language: `limit` for every set unless a specific one is given.
+        """
+        def lim(x: int | None) -> int | None:
+            return x if x is not None else limit
+
+        h = [r for s in harmful for r in _load_set(s, languages, "harmful", limit, root)]
+        b = [r for s in benign for r in _load_set(s, languages, "benign", lim(benign_limit), root)]
+        mg: list[PromptRecord] = []
+        xc: list[PromptRecord] = []
+        for task in capability:
+            t = task.strip().lower()
+            if t.split(":")[0] == "mgsm":
+                mg += _load_set(task, mgsm_languages if mgsm_languages is not None else languages, None, lim(mgsm_limit), root)
+            elif t.split(":")[0] == "xcopa":
+                xc += _load_set(task, xcopa_languages if xcopa_languages is not None else languages, None,
+                                lim(xcopa_limit), root)
+            else:
+                raise ValueError(f"unknown capability task {task!r}: use mgsm and/or xcopa")
+        return cls(h, b, mg, xc, {"harmful": list(harmful), "benign": list(benign), "capability": list(capability)})
+
+    def describe(self) -> dict[str, Any]:
+        """Counts per role and language x modality, and a hash of each role's (id, language, text)."""
+        out: dict[str, Any] = {"sources": self.sources}
+        for role in ("harmful", "benign", "mgsm", "xcopa"):
+            recs: list[PromptRecord] = getattr(self, role)
+            counts: dict[str, int] = {}
+            for r in recs:
+                k = f"{r.language}/{r.modality}"
+                counts[k] = counts.get(k, 0) + 1
+            h = hashlib.sha256()
+            for r in recs:
+                h.update(f"{r.id}\t{r.language}\t{r.modality}\t{r.text}\n".encode())
+            out[role] = {"n": len(recs), "by_language_modality": counts, "sha256": h.hexdigest()[:16],
+                         "datasets": sorted({r.source for r in recs if r.source})}
+        return out
+
+
+def _load_set(source: str, languages: Sequence[str] | None, label: str | None, limit: int | None,
+              root: str | Path | None) -> list[PromptRecord]:
+    from neuroshield.data.loaders import DATASETS, load_prompts
+
+    source = source.strip()
+    name = source.split(":")[0]
+    if name == "parallel-benign":
+        return _parallel_benign(languages, limit)
+    langs: list[str] | None = list(languages) if languages else None
+    if langs is not None and name in DATASETS:
+        have = DATASETS[name].languages
+        keep = [lang for lang in langs if lang in have]
+        if not keep:
+            warnings.warn(f"{source}: none of the languages {', '.join(langs)} is in this data set "
+                          f"(it has {', '.join(have)}); skipped", EvaluationWarning, stacklevel=3)
+            return []
+        langs = keep
+    records = load_prompts(source, languages=langs, label=label, limit=limit, root=root)
+    if langs is not None and name not in DATASETS:
+        records = [r for r in records if r.language in set(langs)]
+    return records
+
+
+def _parallel_benign(languages: Sequence[str] | None, limit: int | None) -> list[PromptRecord]:
+    """The project's parallel benign set (`neuroshield.data.templates.load_parallel_benign`), in the
+    requested languages it supports (others are skipped with a warning)."""
+    from neuroshield.data.templates import SUPPORTED_LANGUAGES, load_parallel_benign
+
+    langs = list(SUPPORTED_LANGUAGES) if not languages else [x for x in languages if x in SUPPORTED_LANGUAGES]
+    missing = [x for x in (languages or []) if x not in SUPPORTED_LANGUAGES]
+    if missing:
+        warnings.warn(f"parallel-benign has no prompts in {', '.join(missing)}; those languages are skipped",
+                      EvaluationWarning, stacklevel=3)
+    if not langs:
+        return []
+    records = load_parallel_benign(langs)
+    if limit is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for r in records:
+            if seen.get(r.language, 0) < limit:
+                kept.append(r)
+                seen[r.language] = seen.get(r.language, 0) + 1
+        records = kept
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation measured; `save`/`load` round-trip through JSON."""
+
+    tag: str
+    model: dict[str, Any]
+    patch: dict[str, Any] | None
+    judge: dict[str, Any]
+    safety: list[SafetyCell]
+    capability: list[CapabilityCell]
+    data: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    created: str = ""
+    format: int = EVAL_FORMAT
+
+    def asr(self, language: str, modality: str = "text") -> Rate | None:
+        c = next((c for c in self.safety if (c.language, c.modality, c.role) == (language, modality, "harmful")), None)
+        return c.asr if c else None
+
+    def over_refusal(self, language: str, modality: str = "text") -> Rate | None:
+        c = next((c for c in self.safety if (c.language, c.modality, c.role) == (language, modality, "benign")), None)
+        return c.over_refusal if c else None
+
+    def accuracy(self, task: str, language: str) -> Rate | None:
+        c = next((c for c in self.capability if (c.task, c.language) == (task, language)), None)
+        return c.accuracy if c else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "kind": "neuroshield.eval", "tag": self.tag, "created": self.created,
+                "model": self.model, "patch": self.patch, "judge": self.judge, "data": self.data,
+                "settings": self.settings, "timings": self.timings, "skipped": self.skipped,
+                "safety": [c.to_dict() for c in self.safety], "capability": [c.to_dict() for c in self.capability]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        return cls(
+            tag=d.get("tag", ""), model=d.get("model", {}), patch=d.get("patch"), judge=d.get("judge", {}),
+            safety=[SafetyCell.from_dict(c) for c in d.get("safety", [])],
+            capability=[CapabilityCell.from_dict(c) for c in d.get("capability", [])],
+            data=d.get("data", {}), settings=d.get("settings", {}), timings=d.get("timings", {}),
+            skipped=d.get("skipped", []), created=d.get("created", ""), format=int(d.get("format", EVAL_FORMAT)),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        p = Path(path)
+        try:
+            return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{p}: not a readable eval.json ({err}); rerun `neuroshield evaluate`") from None
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for c in self.safety:
+            metrics = [("refusal_rate", c.refusal_rate)]
+            metrics += [("asr", c.asr)] if c.asr else []
+            metrics += [("over_refusal", c.over_refusal)] if c.over_refusal else []
+            for name, r in metrics:
+                rows.append({"tag": self.tag, "section": "safety", "set": c.role, "metric": name, "language": c.language,
+                             "modality": c.modality, "n": r.n, "value": r.value, "lo": r.lo, "hi": r.hi, "by": c.judge})
+        for c in self.capability:
+            rows.append({"tag": self.tag, "section": "capability", "set": c.task, "metric": "accuracy",
+                         "language": c.language, "modality": "text", "n": c.n, "value": c.accuracy.value,
+                         "lo": c.accuracy.lo, "hi": c.accuracy.hi, "by": c.method})
+            for k, v in c.extra.items():
+                if isinstance(v, Rate):
+                    rows.append({"tag": self.tag, "section": "capability", "set": c.task, "metric": k,
+                                 "language": c.language, "modality": "text", "n": v.n, "value": v.value, "lo": v.lo,
+                                 "hi": v.hi, "by": c.method})
+        return rows
+
+    def save_csv(self, path: str | Path) -> Path:
+        p = Path(path)
+        buf = io.StringIO()
+        cols = ["tag", "section", "set", "metric", "language", "modality", "n", "value", "lo", "hi", "by"]
+        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        for row in self.csv_rows():
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, p)
+        return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _sha(text: str, n: int = 16) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A cheap identity of a model's weights: per parameter its name, shape, sum and L2 norm (float64).
+
+    Two checkpoints with the same architecture (same config hash) but different weights, e.g. a base
+    model and its fine-tuned merge, get different fingerprints, so their generations never mix.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            total = float(torch.sum(p, dtype=torch.float64))
+            norm = float(torch.linalg.vector_norm(p, dtype=torch.float64))
+            h.update(f"{name}:{tuple(p.shape)}:{total:.17g}:{norm:.17g}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class GenerationCache:
+    """Append-only JSONL cache of generations and scores, keyed by `cache_key(...)`.
+
+    A truncated last line (an interrupted write) is ignored. Each `put` appends, flushes and fsyncs.
+    With `weights` (a `weights_fingerprint`), entries written for other weights are ignored on load
+    and new entries carry it.
+    """
+
+    def __init__(self, path: str | Path, weights: str | None = None) -> None:
+        self.path = Path(path)
+        self.weights = weights
+        self.entries: dict[str, dict[str, Any]] = {}
+        other = 0
+        if self.path.is_file():
+            bad = 0
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        e = json.loads(line)
+                        key = e["key"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        bad += 1
+                        continue
+                    if weights is not None and e.get("weights") not in (None, weights):
+                        other += 1
+                        continue
+                    self.entries[key] = e
+            if bad:
+                log.warning("%s: %d unreadable line(s) ignored (an interrupted write); they are recomputed", self.path, bad)
+            if other:
+                log.warning("%s: %d cached item(s) were made with other weights (same architecture); ignored",
+                            self.path, other)
+        self.other_weights = other
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(model_hash: str, patch_hash: str, task: str, record: PromptRecord, text: str, settings: str) -> str:
+        return _sha("\x1f".join([model_hash, patch_hash, task, record.id, record.language, record.modality,
+                                 _sha(text + "\x1f" + (record.image or "")), settings]), 32)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        e = self.entries.get(key)
+        if e is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return e
+
+    def put(self, entries: Sequence[dict[str, Any]]) -> None:
+        if not entries:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            # a previous interrupted write may have left a partial line: start on a fresh one
+            if f.tell() > 0:
+                with open(self.path, "rb") as r:
+                    r.seek(-1, os.SEEK_END)
+                    if r.read(1) != b"\n":
+                        f.write("\n")
+            for e in entries:
+                if self.weights is not None:
+                    e = {**e, "weights": self.weights}
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+                self.entries[e["key"]] = e
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------
+
+OnBatch = Callable[[list[int], list[str]], None]
+# (records, max_new_tokens, on_batch): calls on_batch(indices into records, texts) as batches finish
+GenerateFn = Callable[[list[PromptRecord], int, OnBatch], None]
+
+
+def _hf_generator(loaded: Any, batch_size: int, system: str | None) -> GenerateFn:
+    from neuroshield.evaluate import generation
+
+    def gen(records: list[PromptRecord], max_new_tokens: int, on_batch: OnBatch) -> None:
+        cfg = generation.GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False,
+                                          system=system)
+        generation.generate(loaded, records, cfg, progress=False,
+                            on_batch=lambda idx, gens: on_batch(list(idx), [g.text for g in gens]))
+
+    return gen
+
+
+def _vllm_generator(loaded: Any, system: str | None) -> GenerateFn:  # pragma: no cover - vLLM is not installed here
+    """Greedy generation with vLLM on the model's local folder (same chat template as HF)."""
+    try:
+        import vllm
+    except ImportError:
+        raise RuntimeError("backend='vllm' needs the vllm package (pip install vllm); use backend='hf'") from None
+    from neuroshield.models.chat import chat_messages
+
+    folder = getattr(loaded.model.config, "_name_or_path", "") or getattr(loaded.model, "name_or_path", "")
+    if not folder or not Path(folder).is_dir():
+        raise RuntimeError(f"backend='vllm' needs the model as a local folder; {loaded.spec!r} resolved to {folder!r}")
+    llm = vllm.LLM(model=str(folder), tokenizer=str(folder), dtype="auto", seed=0)
+    tok = loaded.tokenizer
+
+    def gen(records: list[PromptRecord], max_new_tokens: int, on_batch: OnBatch) -> None:
+        texts = [tok.apply_chat_template(chat_messages(r.text, system=system), tokenize=False, add_generation_prompt=True)
+                 for r in records]
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        outs = llm.generate(texts, params)
+        on_batch(list(range(len(records))), [o.outputs[0].text for o in outs])
+
+    return gen
+
+
+# --------------------------------------------------------------------------------------------------
+# Patches
+# --------------------------------------------------------------------------------------------------
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 (16 hex) of a file, or of a folder's files (names and contents)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def patched(loaded: Any, patch: str | Path | None) -> Iterator[Any]:
+    """Apply a safety patch to `loaded` (a LoadedModel) for the duration of the block; reverted afterwards
+    (bit-exactly, by `revert_patch`), even on error."""
+    if patch is None:
+        yield None
+        return
+    p = Path(patch)
+    if not p.exists():
+        raise FileNotFoundError(f"patch {p} not found; train writes it under <run>/train/<recipe>/")
+    from neuroshield.train.patch import apply_patch, revert_patch
+
+    meta = apply_patch(loaded, p)
+    try:
+        yield meta
+    finally:
+        revert_patch(loaded, p)
+
+
+def patch_tag(patch: str | Path | None) -> str:
+    if patch is None:
+        return "base"
+    p = Path(patch)
+    stem = p.name.split(".")[0]
+    return p.parent.name if stem in ("patch", "safety_patch", "safety-patch", "") else stem
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate()
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    loaded: Any,
+    suite: EvalSuite,
+    *,
+    patch: str | Path | None = None,
+    judge: Any = "refusal-phrase",
+    out_dir: str | Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    mgsm_max_new_tokens: int = 256,
+    backend: str = "hf",
+    system: str | None = None,
+    tag: str | None = None,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate `loaded` (with `patch` applied, if given) on `suite`; see the module docstring.
+
+    `judge`: `refusal-phrase` (default), `logprob`, a local classifier folder, or a judge object.
+    `chunk_size`: prompts handed to the generator at once (default 32 x batch_size); every finished batch is
+    written to the cache immediately.
+    """
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"backend={backend!r}: use 'hf' or 'vllm'")
+    if backend == "vllm" and patch is not None:
+        raise ValueError("backend='vllm' evaluates checkpoints only: evaluate the merged checkpoint that training "
+                         "writes (--model <run>/train/<recipe>/merged) instead of --patch, or use backend='hf'")
+    if patch is not None and not Path(patch).is_file():
+        raise FileNotFoundError(f"patch {patch} not found; training writes it as <run>/train/<recipe>/*.safetensors")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    judge_obj = get_judge(judge, loaded)
+    jinfo = judge_info(judge_obj)
+    jlabel = judge_label(judge_obj)
+    patch_hash = file_hash(patch) if patch is not None else "none"
+    model_hash = loaded.config_hash
+    weights_fp = weights_fingerprint(loaded.model)  # before any patch: the patch has its own hash
+    cache = GenerationCache(out / CACHE_FILE, weights=weights_fp)
+    chunk = chunk_size or max(1, 32 * batch_size)
+    skipped: list[dict[str, str]] = []
+
+    multimodal = getattr(loaded, "processor", None) is not None
+
+    def usable(records: Sequence[PromptRecord], role: str) -> list[PromptRecord]:
+        keep = []
+        images = []
+        for r in records:
+            if r.modality == "image" and not multimodal:
+                images.append(r)
+                skipped.append({"id": r.id, "language": r.language, "modality": r.modality, "role": role,
+                                "reason": "image prompt on a text-only model"})
+            else:
+                keep.append(r)
+        if images:
+            msg = (f"{len(images)} {role} image prompt(s) skipped: {loaded.model_id} is a text-only model "
+                   "(image evaluation needs a vision-language model)")
+            warnings.warn(msg, EvaluationWarning, stacklevel=3)
+            log.warning(msg)
+        return keep
+
+    gen_fn: GenerateFn | None = None
+
+    def generator() -> GenerateFn:
+        nonlocal gen_fn
+        if gen_fn is None:
+            gen_fn = _vllm_generator(loaded, system) if backend == "vllm" else _hf_generator(loaded, batch_size, system)
+        return gen_fn
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=0, desc="evaluate", unit="item")
+
+    def cached_generate(records: list[PromptRecord], task: str, max_new: int) -> list[str]:
+        settings = f"gen:greedy:max{max_new}:sys{_sha(system or '')}:{backend}"
+        keys = [GenerationCache.key(model_hash, patch_hash, task, r, r.text, settings) for r in records]
+        responses: list[str | None] = []
+        for k in keys:
+            e = cache.get(k)
+            responses.append(e["response"] if e is not None else None)
+        todo = [i for i, resp in enumerate(responses) if resp is None]
+        if bar is not None:
+            bar.total += len(records)
+            bar.update(len(records) - len(todo))
+            bar.set_postfix_str(task)
+        for s in range(0, len(todo), chunk):
+            idx = todo[s: s + chunk]
+
+            def on_batch(local: list[int], texts: list[str], idx: list[int] = idx) -> None:
+                entries = []
+                for j, o in zip(local, texts):
+                    i = idx[j]
+                    r = records[i]
+                    responses[i] = o
+                    entries.append({"key": keys[i], "task": task, "id": r.id, "language": r.language,
+                                    "modality": r.modality, "model": model_hash, "patch": patch_hash,
+                                    "settings": settings, "response": o})
+                cache.put(entries)  # written as soon as the batch is done: an interrupted run resumes here
+                if bar is not None:
+                    bar.update(len(local))
+
+            generator()([records[i] for i in idx], max_new, on_batch)
+            missing = [records[i].id for i in idx if responses[i] is None]
+            if missing:
+                raise RuntimeError(f"the generator returned no response for {len(missing)} prompt(s), e.g. {missing[0]}")
+        return [r if r is not None else "" for r in responses]
+
+    def cached_values(records: list[PromptRecord], task: str, settings: str,
+                      compute: Callable[[list[PromptRecord]], list[Any]]) -> list[Any]:
+        keys = [GenerationCache.key(model_hash, patch_hash, task, r, r.text, settings) for r in records]
+        values: list[Any] = []
+        for k in keys:
+            e = cache.get(k)
+            values.append(e["value"] if e is not None else None)
+        todo = [i for i, v in enumerate(values) if v is None]
+        if bar is not None:
+            bar.total += len(records)
+            bar.update(len(records) - len(todo))
+            bar.set_postfix_str(task)
+        for s in range(0, len(todo), chunk):
+            idx = todo[s: s + chunk]
+            got = compute([records[i] for i in idx])
+            entries = []
+            for i, v in zip(idx, got):
+                r = records[i]
+                values[i] = v
+                entries.append({"key": keys[i], "task": task, "id": r.id, "language": r.language,
+                                "modality": r.modality, "model": model_hash, "patch": patch_hash,
+                                "settings": settings, "value": v})
+            cache.put(entries)
+            if bar is not None:
+                bar.update(len(idx))
+        return values
+
+    items: list[dict[str, Any]] = []
+    verdicts: list[Verdict] = []
+    capability: list[CapabilityCell] = []
+    try:
+        with patched(loaded, patch):
+            # ---- safety --------------------------------------------------------------------------
+            t = time.perf_counter()
+            for role in ("harmful", "benign"):
+                records = usable(getattr(suite, role), role)
+                if not records:
+                    continue
+                langs = [r.language for r in records]
+                if getattr(judge_obj, "requires_generation", True) and hasattr(judge_obj, "judge_batch"):
+                    responses = cached_generate(records, "safety", max_new_tokens)
+                    results = judge_responses(judge_obj, responses, langs, prompts=[r.text for r in records])
+                    scores = [getattr(x, "score", None) for x in results]
+                    refused = [bool(x.refused) for x in results]
+                    matched = [getattr(x, "matched", None) for x in results]
+                else:  # prompt-level judge (logprob): no generation
+                    settings = f"judge:{jlabel}:{_sha(json.dumps(jinfo, sort_keys=True, default=str))}"
+
+                    def compute(recs: list[PromptRecord]) -> list[Any]:
+                        res = judge_obj.judge_prompts([r.text for r in recs], [r.language for r in recs])
+                        return [{"refused": bool(x.refused), "score": float(x.score), "matched": x.matched} for x in res]
+
+                    vals = cached_values(records, "logprob-judge", settings, compute)
+                    refused = [bool(v["refused"]) for v in vals]
+                    scores = [v.get("score") for v in vals]
+                    matched = [v.get("matched") for v in vals]
+                for r, ref, sc, m in zip(records, refused, scores, matched):
+                    verdicts.append(Verdict(r.language, r.modality, role, ref, None if sc is None else float(sc)))
+                    items.append({"section": "safety", "role": role, "id": r.id, "language": r.language,
+                                  "modality": r.modality, "source": r.source, "category": r.category,
+                                  "refused": ref, "score": sc, "matched": m})
+            timings["safety_s"] = round(time.perf_counter() - t, 2)
+
+            # ---- MGSM ----------------------------------------------------------------------------
+            mg = usable(suite.mgsm, "mgsm")
+            if mg:
+                t = time.perf_counter()
+                responses = cached_generate([mgsm_prompt(r) for r in mg], "mgsm", mgsm_max_new_tokens)
+                mitems = score_mgsm(mg, responses)
+                capability += mgsm_cells(mitems, n_resamples=n_resamples, seed=seed)
+                items += [{"section": "mgsm", "id": i.id, "language": i.language, "reference": i.reference,
+                           "predicted": i.predicted, "correct": i.correct} for i in mitems]
+                timings["mgsm_s"] = round(time.perf_counter() - t, 2)
+
+            # ---- XCOPA ---------------------------------------------------------------------------
+            xc = usable(suite.xcopa, "xcopa")
+            if xc:
+                t = time.perf_counter()
+
+                def xcompute(recs: list[PromptRecord]) -> list[Any]:
+                    lps, toks = xcopa_logprobs(loaded, recs, batch_size=batch_size)
+                    return [[a, b, ta, tb] for (a, b), (ta, tb) in zip(lps, toks)]
+
+                vals = cached_values(xc, "xcopa", "loglik:v1", xcompute)
+                xitems = score_xcopa(xc, [(v[0], v[1]) for v in vals], [(int(v[2]), int(v[3])) for v in vals])
+                capability += xcopa_cells(xitems, n_resamples=n_resamples, seed=seed)
+                items += [{"section": "xcopa", "id": i.id, "language": i.language, "label": i.label,
+                           "predicted": i.predicted, "predicted_norm": i.predicted_norm, "correct": i.correct,
+                           "logprob": list(i.logprob)} for i in xitems]
+                timings["xcopa_s"] = round(time.perf_counter() - t, 2)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    safety = safety_metrics(verdicts, judge=jlabel, n_resamples=n_resamples, seed=seed)
+    timings["total_s"] = round(time.perf_counter() - start, 2)
+    result = EvalResult(
+        tag=tag or patch_tag(patch),
+        model={"model_id": loaded.model_id, "spec": getattr(loaded, "spec", ""), "config_hash": model_hash,
+               "weights_fingerprint": weights_fp,
+               "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+               "device": str(getattr(loaded, "device", "")), **{k: v for k, v in getattr(loaded, "info", {}).items()
+                                                                 if isinstance(v, (str, int, float))}},
+        patch=None if patch is None else {"path": str(patch), "sha256": patch_hash},
+        judge=jinfo, safety=safety, capability=capability, data=suite.describe(),
+        settings={"max_new_tokens": max_new_tokens, "mgsm_max_new_tokens": mgsm_max_new_tokens,
+                  "batch_size": batch_size, "backend": backend, "decoding": "greedy", "system": system,
+                  "n_resamples": n_resamples, "seed": seed, "ci": "percentile bootstrap 95 %"},
+        timings=timings, skipped=skipped,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    result.timings["cache_hits"] = cache.hits
+    result.timings["cache_misses"] = cache.misses
+    result.save(out / "eval.json")
+    result.save_csv(out / "eval.csv")
+    _write_jsonl(out / "items.jsonl", items)
+    log.info("evaluation written to %s (%.1f s)", out / "eval.json", timings["total_s"])
+    return result
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["EvalSuite", "EvalResult", "evaluate", "GenerationCache", "patched", "patch_tag", "file_hash",
+           "weights_fingerprint", "EvaluationWarning"]

@@ -1,0 +1,652 @@
+"""Causal validation of a neuron set (METHOD.md, stage 4): intervene, generate, judge, compare to controls.
+
+`validate(loaded, neuron_set, prompts, mode="zero", controls=3, out_dir=...)` answers every prompt under
+
+* `none`: no intervention (the base model),
+* `set`: the intervention on the set,
+* `control-k` (k < controls): the same intervention on `random_like(set, loaded, seed + k)`, a random
+  set with the same number of units at every (layer, site),
+
+judges each answer (default: the multilingual `RefusalPhraseJudge`) and reports the refusal rate per
+(language, modality, label) for each condition: the set's rate beside the controls' mean, sample
+standard deviation (n-1), min and max; and, per prompt, how many answers flipped between refusal and
+compliance against `none`.
+
+Benign-side guard (our choice, configurable by passing `benign_guard`): the base model answers the
+benign prompts greedily; then, teacher-forced on those exact answer tokens, we measure for the set and
+for each control (1) the mean KL(base || intervened) of the next-token distribution per answer token
+(`kl_per_token`, nats), (2) the same at the first answer token only (`kl_first_token`), and (3) the
+perplexity of the base answers under the intervened model (`ppl`, beside the base model's own
+`ppl_base`). A set that only breaks the model shows a large KL / perplexity blow-up, and a control of
+the same size tells what "large" is. With `benign_generate=True` the benign prompts are also answered
+under every condition and judged (over-refusal, useful for reinforcement `scale:α>1`).
+
+Outputs in `out_dir`: `validation.json` (everything), `validation.csv` (one row per group),
+`generations.jsonl` (every prompt x condition with the judge's verdict, to audit the judge),
+`validation.png` (per group: none / set / control mean with sd error bars and the controls as dots),
+`summary.json`. Generations are cached under `out_dir/cache/` (or a shared `cache_dir`) per (model
+weights, set units, mode, prompts, decoding): each finished batch is appended to a `.partial.jsonl`,
+renamed to `.jsonl` when complete, so an interrupted run resumes where it stopped and a rerun
+regenerates nothing. The `none` condition does not depend on the set: validations of several sets
+that share a `cache_dir` generate the base answers once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from neuroshield.data.records import PromptRecord, group_name
+from neuroshield.evaluate.generation import Generation, GenerationConfig, generate, response_divergence
+from neuroshield.intervene.interventions import InterventionMode, _means_of, intervene, parse_mode
+from neuroshield.models.loading import LoadedModel
+from neuroshield.neurons.neuronset import NeuronSet, random_like
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditions and fingerprints
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Condition:
+    name: str  # "none", "set", "control-0", ...
+    kind: str  # "none" | "set" | "control"
+    neuron_set: NeuronSet | None
+    seed: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        ns = self.neuron_set
+        return {"name": self.name, "kind": self.kind, "seed": self.seed,
+                "set": None if ns is None else ns.name, "neurons": 0 if ns is None else len(ns),
+                "set_hash": None if ns is None else set_fingerprint(ns)}
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+
+
+def set_fingerprint(ns: NeuronSet) -> str:
+    """Hash of the units (not the name or scores): equal sets share cached generations."""
+    h = hashlib.sha256()
+    for key in sorted(ns.units):
+        h.update(key.encode())
+        h.update(ns.units[key].to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Cheap identity of the weights (float64 sum and first values of each parameter)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(name.encode())
+            h.update(repr((float(flat.double().sum()), flat[:8].double().tolist())).encode())
+    return h.hexdigest()[:16]
+
+
+def prompt_key(r: PromptRecord) -> str:
+    return f"{r.language}/{r.modality}/{r.id}"
+
+
+def prompts_fingerprint(prompts: Sequence[PromptRecord]) -> str:
+    return _sha([(prompt_key(r), r.text, r.image) for r in prompts])[:16]
+
+
+def _tensor_fingerprint(d: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(d):
+        h.update(k.encode())
+        h.update(d[k].detach().to(torch.float64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable cached generation
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by an interruption: that batch is redone
+                continue
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cached_generate(
+    loaded: LoadedModel,
+    prompts: Sequence[PromptRecord],
+    config: GenerationConfig,
+    cache_dir: Path,
+    key: Mapping[str, Any],
+    *,
+    label: str,
+    context: Callable[[], Any] = nullcontext,
+    progress: bool = True,
+) -> list[Generation]:
+    """Generate under `context()`, reusing `cache_dir/<label>-<hash(key)>.jsonl`; resumable per batch."""
+    digest = _sha({"format": CACHE_FORMAT, **dict(key)})[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done_path = cache_dir / f"{label}-{digest}.jsonl"
+    part_path = cache_dir / f"{label}-{digest}.partial.jsonl"
+    keys = [prompt_key(r) for r in prompts]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
+        raise ValueError(f"prompts contain duplicate (language, modality, id): {', '.join(dup)}; deduplicate them")
+    found: dict[str, Generation] = {}
+    for path in (done_path, part_path):
+        if path.is_file():
+            for row in _read_jsonl(path):
+                found[row["key"]] = Generation(row["text"], tuple(row["token_ids"]), bool(row["finished"]))
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    if todo:
+        log.info("%s: generating %d of %d prompts (%d cached)", label, len(todo), len(keys), len(keys) - len(todo))
+        with open(part_path, "a", encoding="utf-8") as part:
+
+            def on_batch(indices: list[int], gens: list[Generation]) -> None:
+                for i, g in zip(indices, gens):
+                    k = keys[todo[i]]
+                    found[k] = g
+                    part.write(json.dumps({"key": k, "text": g.text, "token_ids": list(g.token_ids),
+                                           "finished": g.finished}, ensure_ascii=False) + "\n")
+                part.flush()
+
+            with context():
+                generate(loaded, [prompts[i] for i in todo], config, progress=progress, desc=label, on_batch=on_batch)
+    if todo or not done_path.is_file():
+        lines = [json.dumps({"key": k, "text": found[k].text, "token_ids": list(found[k].token_ids),
+                             "finished": found[k].finished}, ensure_ascii=False) for k in keys]
+        _atomic_write(done_path, "\n".join(lines) + "\n")
+        if part_path.exists():
+            part_path.unlink()
+    return [found[k] for k in keys]
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationResult:
+    rows: list[dict[str, Any]]  # one per (language, modality, label), then "all" rows
+    guard: dict[str, Any] | None
+    conditions: list[dict[str, Any]]
+    config: dict[str, Any]
+    paths: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def row(self, language: str, modality: str = "text", label: str = "harmful") -> dict[str, Any]:
+        for r in self.rows:
+            if (r["language"], r["modality"], r["label"]) == (language, modality, label):
+                return r
+        raise KeyError(f"no row for {group_name(language, modality, label)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "conditions": self.conditions, "rows": self.rows, "guard": self.guard,
+                "paths": self.paths, "timings": self.timings}
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "sd": None, "min": None, "max": None}
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values)}
+
+
+def _aggregate(prompts: Sequence[PromptRecord], verdicts: dict[str, list[bool]], controls: list[str]
+               ) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, r in enumerate(prompts):
+        groups.setdefault(r.group, []).append(i)
+    for modality, label in sorted({(g[1], g[2]) for g in groups}):
+        langs = [g for g in groups if g[1:] == (modality, label)]
+        if len(langs) > 1:
+            groups[("all", modality, label)] = [i for g in langs for i in groups[g]]
+    rows = []
+    for (lang, modality, label), idx in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
+        n = len(idx)
+
+        def rate(cond: str) -> float:
+            return sum(verdicts[cond][i] for i in idx) / n
+
+        none, setr = rate("none"), rate("set")
+        ctrl = [rate(c) for c in controls]
+        cs = _stats(ctrl)
+        row: dict[str, Any] = {
+            "language": lang, "modality": modality, "label": label, "n": n,
+            "refusal_none": none, "refusal_set": setr,
+            "refusal_control_mean": cs["mean"], "refusal_control_sd": cs["sd"],
+            "refusal_control_min": cs["min"], "refusal_control_max": cs["max"],
+            "refusal_controls": ctrl,
+            "delta_set": setr - none,
+            "delta_control": None if cs["mean"] is None else cs["mean"] - none,
+            "effect_vs_control": None if cs["mean"] is None else setr - cs["mean"],
+            "set_outside_controls": None if not ctrl else (setr < cs["min"] or setr > cs["max"]),
+            # paired flips against the base model (McNemar counts)
+            "flips_set_refusal_to_answer": sum(verdicts["none"][i] and not verdicts["set"][i] for i in idx),
+            "flips_set_answer_to_refusal": sum(not verdicts["none"][i] and verdicts["set"][i] for i in idx),
+        }
+        row["asr_none"], row["asr_set"] = 1 - none, 1 - setr
+        row["asr_control_mean"] = None if cs["mean"] is None else 1 - cs["mean"]
+        rows.append(row)
+    return rows
+
+
+CSV_COLUMNS = ["language", "modality", "label", "n", "refusal_none", "refusal_set", "refusal_control_mean",
+               "refusal_control_sd", "refusal_control_min", "refusal_control_max", "delta_set", "delta_control",
+               "effect_vs_control", "set_outside_controls", "flips_set_refusal_to_answer",
+               "flips_set_answer_to_refusal", "kl_per_token_set", "kl_per_token_control_mean", "ppl_base", "ppl_set",
+               "ppl_control_mean"]
+
+
+def _csv_text(rows: list[dict[str, Any]], guard: dict[str, Any] | None) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    by_lang = (guard or {}).get("by_language", {})
+    for r in rows:
+        out = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()}
+        g = None
+        if guard and r["label"] == "harmful":
+            g = guard if r["language"] == "all" else by_lang.get(r["language"])
+        if g:
+            out.update({"kl_per_token_set": f"{g['set']['kl_per_token']:.5f}",
+                        "kl_per_token_control_mean": _fmt(g.get("control_mean", {}).get("kl_per_token")),
+                        "ppl_base": f"{g['ppl_base']:.3f}", "ppl_set": f"{g['set']['ppl']:.3f}",
+                        "ppl_control_mean": _fmt(g.get("control_mean", {}).get("ppl"))})
+        w.writerow(out)
+    return buf.getvalue()
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.5f}"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["language"] if (r["modality"], r["label"]) == ("text", "harmful")
+              else f"{r['language']}\n{r['modality']}/{r['label']}" for r in rows]
+    x = list(range(len(rows)))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.8))
+    ax.bar([i - width for i in x], [r["refusal_none"] for r in rows], width, label="none", color="#9e9e9e")
+    ax.bar(x, [r["refusal_set"] for r in rows], width, label="set", color="#d62728")
+    has_ctrl = any(r["refusal_control_mean"] is not None for r in rows)
+    if has_ctrl:
+        means = [r["refusal_control_mean"] or 0.0 for r in rows]
+        sds = [r["refusal_control_sd"] or 0.0 for r in rows]
+        ax.bar([i + width for i in x], means, width, yerr=sds, capsize=3, label="control mean ± sd", color="#1f77b4")
+        for i, r in enumerate(rows):
+            ax.scatter([i + width] * len(r["refusal_controls"]), r["refusal_controls"], s=8, color="black", zorder=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("refusal rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Guard
+# --------------------------------------------------------------------------------------------------
+
+
+def _guard_summary(divs: Sequence[Any], idx: Sequence[int]) -> dict[str, float]:
+    tokens = sum(divs[i].tokens for i in idx)
+    if tokens == 0:
+        return {"tokens": 0, "kl_per_token": 0.0, "kl_first_token": 0.0, "ppl": float("nan"), "nll_per_token": 0.0}
+    nll = sum(divs[i].nll for i in idx) / tokens
+    return {"tokens": tokens, "kl_per_token": sum(divs[i].kl_sum for i in idx) / tokens,
+            "kl_first_token": sum(divs[i].kl_first for i in idx) / len(idx), "nll_per_token": nll,
+            "ppl": math.exp(min(nll, 700.0))}
+
+
+def _guard(loaded: LoadedModel, benign: Sequence[PromptRecord], base_gens: list[Generation],
+           conditions: list[Condition], ctx: Callable[[Condition], Callable[[], Any]], batch_size: int,
+           system: str | None, progress: bool) -> dict[str, Any]:
+    responses = [g.token_ids for g in base_gens]
+    active = [c for c in conditions if c.kind != "none"]
+    divs = response_divergence(loaded, benign, responses, {c.name: ctx(c) for c in active}, batch_size=batch_size,
+                               system=system, progress=progress)
+    any_div = next(iter(divs.values()))
+    by_lang: dict[str, list[int]] = {}
+    for i, r in enumerate(benign):
+        by_lang.setdefault(r.language, []).append(i)
+    groups = {**by_lang, "all": list(range(len(benign)))}
+    controls = [c.name for c in active if c.kind == "control"]
+    out: dict[str, Any] = {}
+    for lang, idx in groups.items():
+        tokens = sum(any_div[i].tokens for i in idx)
+        ref_nll = sum(any_div[i].reference_nll for i in idx) / max(tokens, 1)
+        entry: dict[str, Any] = {"n": len(idx), "tokens": tokens, "ppl_base": math.exp(min(ref_nll, 700.0))}
+        entry["set"] = _guard_summary(divs["set"], idx)
+        entry["controls"] = {c: _guard_summary(divs[c], idx) for c in controls}
+        if controls:
+            entry["control_mean"] = {m: _stats([entry["controls"][c][m] for c in controls])["mean"]
+                                     for m in ("kl_per_token", "kl_first_token", "ppl", "nll_per_token")}
+            entry["control_sd"] = {m: _stats([entry["controls"][c][m] for c in controls])["sd"]
+                                   for m in ("kl_per_token", "kl_first_token", "ppl", "nll_per_token")}
+        out[lang] = entry
+    overall = out.pop("all")
+    return {"method": "teacher-forced on the base model's greedy answers to the benign prompts: "
+                      "KL(base || intervened) of the next-token distribution per answer token (and at the first "
+                      "answer token); perplexity of the base answers under the intervened model",
+            **overall, "by_language": out}
+
+
+# --------------------------------------------------------------------------------------------------
+# The validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _judge_all(judge: Any, gens: list[Generation], prompts: Sequence[PromptRecord]) -> list[Any]:
+    texts = [g.text for g in gens]
+    langs = [r.language for r in prompts]
+    if hasattr(judge, "judge_batch"):
+        try:
+            from neuroshield.evaluate.judges_extra import judge_responses
+        except ImportError:
+            return list(judge.judge_batch(texts, langs))
+        return judge_responses(judge, texts, langs, [r.text for r in prompts])
+    return [judge.judge(t, lang) for t, lang in zip(texts, langs)]
+
+
+def _judge_name(judge: Any) -> Any:
+    try:
+        from neuroshield.evaluate.judges_extra import judge_info
+    except ImportError:
+        return type(judge).__name__
+    return judge_info(judge)
+
+
+def _verdict_fields(v: Any) -> dict[str, Any]:
+    return {"refused": bool(v.refused), "score": float(getattr(v, "score", float(v.refused))),
+            "matched": getattr(v, "matched", None), "reason": getattr(v, "reason", None)}
+
+
+def validate(
+    loaded: LoadedModel,
+    neuron_set: NeuronSet,
+    prompts: Sequence[PromptRecord],
+    *,
+    mode: str | InterventionMode = "zero",
+    controls: int = 3,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    judge: Any = None,
+    benign_guard: Sequence[PromptRecord] | None = None,
+    benign_generate: bool = False,
+    out_dir: str | Path,
+    stats: Any = None,
+    means: Mapping[str, Any] | None = None,
+    system: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ValidationResult:
+    """Refusal rates with no intervention, with the set and with `controls` random sets; see module doc."""
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
+    parsed = parse_mode(mode)
+    if parsed.kind == "none":
+        raise ValueError("mode='none' validates nothing: choose zero, scale:<alpha> or mean:<group>")
+    if controls < 0:
+        raise ValueError(f"controls={controls}: must be >= 0")
+    if not prompts:
+        raise ValueError("prompts is empty: nothing to validate (check --languages, --split and --limit)")
+    neuron_set.check_model(loaded)
+    if len(neuron_set) == 0:
+        raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
+    if judge is None:
+        from neuroshield.evaluate.judges import RefusalPhraseJudge
+
+        judge = RefusalPhraseJudge()
+    if getattr(judge, "requires_generation", True) is False or not (hasattr(judge, "judge_batch")
+                                                                    or hasattr(judge, "judge")):
+        raise ValueError(f"judge {type(judge).__name__} does not judge responses; validation judges the generated "
+                         "answers: use a response judge (refusal-phrase or a classifier folder)")
+    mean_vecs: dict[str, torch.Tensor] | None = None
+    if parsed.kind == "mean":  # resolve once: the controls use the same site keys
+        mean_vecs = {k: v.detach().float().cpu() for k, v in
+                     _means_of(stats, means, parsed, sorted(neuron_set.units)).items()}
+
+    conds = [Condition("none", "none", None), Condition("set", "set", neuron_set)]
+    conds += [Condition(f"control-{k}", "control", random_like(neuron_set, loaded, seed + k), seed + k)
+              for k in range(controls)]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    model_key = {"model_id": loaded.model_id, "config_hash": loaded.config_hash,
+                 "weights": weights_fingerprint(loaded.model)}
+
+    def ctx(c: Condition) -> Callable[[], Any]:
+        if c.neuron_set is None:
+            return nullcontext
+        ns = c.neuron_set
+        return lambda: intervene(loaded, ns, parsed, means=mean_vecs)
+
+    def cond_key(c: Condition, records: Sequence[PromptRecord]) -> dict[str, Any]:
+        key = {**model_key, "prompts": prompts_fingerprint(records), "generation": cfg.key()}
+        if c.neuron_set is not None:
+            key.update(set=set_fingerprint(c.neuron_set), mode=str(parsed))
+            if mean_vecs is not None:
+                key["means"] = _tensor_fingerprint(mean_vecs)
+        return key
+
+    timings: dict[str, float] = {}
+    gens: dict[str, list[Generation]] = {}
+    for c in tqdm(conds, desc="conditions", unit="cond", disable=not progress):
+        t0 = time.perf_counter()
+        gens[c.name] = cached_generate(loaded, prompts, cfg, cache_dir, cond_key(c, prompts), label=c.name,
+                                       context=ctx(c), progress=progress)
+        timings[f"generate_{c.name}"] = time.perf_counter() - t0
+    verdicts_full = {c.name: _judge_all(judge, gens[c.name], prompts) for c in conds}
+    verdicts = {name: [bool(v.refused) for v in vs] for name, vs in verdicts_full.items()}
+    control_names = [c.name for c in conds if c.kind == "control"]
+    rows = _aggregate(prompts, verdicts, control_names)
+
+    guard = None
+    benign_rows = None
+    benign_gens: dict[str, list[Generation]] = {}
+    benign_verdicts: dict[str, list[Any]] = {}
+    if benign_guard:
+        t0 = time.perf_counter()
+        base_b = cached_generate(loaded, benign_guard, cfg, cache_dir, cond_key(conds[0], benign_guard),
+                                 label="benign-none", progress=progress)
+        benign_gens["none"] = base_b
+        guard = _guard(loaded, benign_guard, base_b, conds, ctx, batch_size, system, progress)
+        timings["guard"] = time.perf_counter() - t0
+        if benign_generate:
+            t0 = time.perf_counter()
+            for c in conds[1:]:
+                benign_gens[c.name] = cached_generate(loaded, benign_guard, cfg, cache_dir, cond_key(c, benign_guard),
+                                                      label=f"benign-{c.name}", context=ctx(c), progress=progress)
+            timings["benign_generate"] = time.perf_counter() - t0
+        benign_verdicts = {n: _judge_all(judge, g, benign_guard) for n, g in benign_gens.items()}
+        if benign_generate:
+            bverd = {n: [bool(v.refused) for v in vs] for n, vs in benign_verdicts.items()}
+            benign_rows = _aggregate(benign_guard, bverd, control_names)
+            guard["over_refusal"] = benign_rows
+        else:
+            refused = [bool(v.refused) for v in benign_verdicts["none"]]
+            guard["over_refusal_none"] = sum(refused) / len(refused)
+
+    # --- files ----------------------------------------------------------------------------------
+    paths = {name: str(out / name) for name in
+             ("validation.json", "validation.csv", "generations.jsonl", "validation.png", "summary.json")}
+    lines = []
+    for c in conds:
+        for r, g, v in zip(prompts, gens[c.name], verdicts_full[c.name]):
+            lines.append(json.dumps({"condition": c.name, "kind": c.kind, "seed": c.seed, "mode": str(parsed),
+                                     "set": None if c.neuron_set is None else c.neuron_set.name, "id": r.id,
+                                     "language": r.language, "modality": r.modality, "label": r.label,
+                                     "category": r.category, "prompt": r.text, "response": g.text,
+                                     "response_tokens": len(g.token_ids), "finished": g.finished,
+                                     **_verdict_fields(v)}, ensure_ascii=False))
+    for name, bg in benign_gens.items():
+        for r, g, v in zip(benign_guard or [], bg, benign_verdicts[name]):
+            lines.append(json.dumps({"condition": f"benign-{name}", "kind": "benign", "id": r.id, "language": r.language,
+                                     "modality": r.modality, "label": r.label, "prompt": r.text, "response": g.text,
+                                     "response_tokens": len(g.token_ids), "finished": g.finished,
+                                     **_verdict_fields(v)}, ensure_ascii=False))
+    _atomic_write(out / "generations.jsonl", "\n".join(lines) + "\n")
+    config = {
+        "model_id": loaded.model_id, "config_hash": loaded.config_hash, "set": neuron_set.name,
+        "set_meta": {k: v for k, v in neuron_set.meta.items() if k not in ("sites",)},
+        "set_neurons": len(neuron_set), "set_by_kind": neuron_set.count_by_kind(),
+        "set_by_layer": {str(k): v for k, v in neuron_set.count_by_layer().items()},
+        "mode": str(parsed), "controls": controls, "seed": seed, "generation": dataclass_dict(cfg),
+        "judge": _judge_name(judge), "prompts": len(prompts), "prompts_hash": prompts_fingerprint(prompts),
+        "benign_prompts": len(benign_guard or []), "control_sd": "sample standard deviation (n-1)",
+    }
+    timings["total"] = time.perf_counter() - t_start
+    result = ValidationResult(rows=rows, guard=guard, conditions=[c.describe() for c in conds], config=config,
+                              paths=paths, timings=timings)
+    _atomic_write(out / "validation.csv", _csv_text(rows, guard))
+    _plot(rows, out / "validation.png",
+          f"{neuron_set.name} ({len(neuron_set)} neurons), mode {parsed}, {controls} random controls")
+    _atomic_write(out / "validation.json", json.dumps(result.to_dict(), indent=1, ensure_ascii=False, default=str))
+    headline = {f"{r['language']}/{r['modality']}/{r['label']}": {
+        "none": r["refusal_none"], "set": r["refusal_set"], "control_mean": r["refusal_control_mean"],
+        "control_sd": r["refusal_control_sd"]} for r in rows}
+    summary = {"stage": "validate", "model_id": loaded.model_id, "set": neuron_set.name, "mode": str(parsed),
+               "refusal": headline, "guard": None if guard is None else {
+                   "kl_per_token_set": guard["set"]["kl_per_token"],
+                   "kl_per_token_control_mean": guard.get("control_mean", {}).get("kl_per_token"),
+                   "ppl_base": guard["ppl_base"], "ppl_set": guard["set"]["ppl"]},
+               "files": sorted(paths), "seconds": timings["total"]}
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, default=str))
+    return result
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt selection for validation
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_per_group(records: Sequence[PromptRecord], limit: int | None, seed: int = 0) -> list[PromptRecord]:
+    """Up to `limit` prompts per (language, modality, label), spread over categories.
+
+    Ids are ranked by a stable hash of (seed, id), ids present in every language of the (modality, label)
+    first, so the same ids are picked in every language (parallel sets stay parallel) and the pick does
+    not take the first category only, as a natural-order cut of XSafety would. Input order is kept.
+    """
+    from neuroshield.neurons.splits import held_out_score
+
+    records = list(records)
+    if limit is None:
+        return records
+    if limit < 0:
+        raise ValueError(f"limit={limit}: must be >= 0")
+    ids: dict[tuple[str, str, str], set[str]] = {}
+    for r in records:
+        ids.setdefault(r.group, set()).add(r.id)
+    common: dict[tuple[str, str], set[str]] = {}
+    for (_, modality, label), group_ids in ids.items():
+        k = (modality, label)
+        common[k] = set(group_ids) if k not in common else common[k] & group_ids
+    keep: set[tuple[tuple[str, str, str], str]] = set()
+    for group, group_ids in ids.items():
+        shared = common[(group[1], group[2])]
+        ranked = sorted(group_ids, key=lambda i: (i not in shared, held_out_score(i, seed + 7919), i))
+        keep.update((group, i) for i in ranked[:limit])
+    return [r for r in records if (r.group, r.id) in keep]
+
+
+__all__ = ["validate", "ValidationResult", "Condition", "cached_generate", "sample_per_group", "set_fingerprint",
+           "weights_fingerprint", "prompt_key"]
+
+
+def load_validation_prompts(
+    source: str,
+    languages: Sequence[str] | None = None,
+    *,
+    label: str | None = "harmful",
+    split: str = "held-out",
+    held_out_fraction: float = 0.5,
+    split_seed: int = 0,
+    limit: int | None = None,
+    sample_seed: int = 0,
+    skip_missing_languages: bool = False,
+) -> list[PromptRecord]:
+    """Prompts for validation: `load_prompts`, then the id split (`neurons.splits`), then `sample_per_group`.
+
+    `split="held-out"` (default) keeps only ids disjoint from those neurons are identified on (the
+    identification stage uses `held-in` with the same fraction and seed). With `skip_missing_languages`,
+    languages a registered data set lacks are dropped with a warning instead of an error (benign guards).
+    """
+    from neuroshield.data.loaders import DATASETS, load_prompts
+    from neuroshield.neurons.splits import select_split
+
+    langs = list(languages) if languages else None
+    if langs and skip_missing_languages:
+        name = source.split(":", 1)[0]
+        if name in DATASETS:
+            have = set(DATASETS[name].languages)
+            missing = [lang for lang in langs if lang not in have]
+            if missing:
+                log.warning("%s has no prompts in %s; the guard skips them", name, ", ".join(missing))
+            langs = [lang for lang in langs if lang in have]
+            if not langs:
+                return []
+    if langs and skip_missing_languages and source.split(":", 1)[0] not in DATASETS:  # a file: filter here
+        records = [r for r in load_prompts(source, label=label) if r.language in set(langs)]
+        missing = sorted(set(langs) - {r.language for r in records})
+        if missing:
+            log.warning("%s has no prompts in %s; the guard skips them", source, ", ".join(missing))
+    else:
+        records = load_prompts(source, languages=langs, label=label)
+    records = select_split(records, split, held_out_fraction, split_seed)
+    return sample_per_group(records, limit, sample_seed)
+
+
+__all__ += ["load_validation_prompts"]

@@ -1,0 +1,657 @@
+"""Stage 1: streaming activation statistics per (site, group), from one forward pass per prompt.
+
+For every site (layer, kind) and group (language, modality, label) we keep float64 running sums
+over the counted token positions (see `EncodedPrompt.position_mask`):
+
+    count      number of counted tokens (the same for every site, kept once per group)
+    sum        Σ a          sum_abs  Σ |a|          sum_sq  Σ a²          n_pos  #(a > 0)
+
+and, for the attention sites `attn_q`, `attn_k`, `attn_v`, an `impact` sum used by the `plnd` score
+(see `neuroshield.neurons.scores`), summed over counted query tokens t:
+
+    attn_q     scaling · |q_j(t)| · Σ_s p_h(t,s) · |[R_tᵀ k_rot(s)]_j|                 (h = j's head)
+    attn_k     Σ_{h reading kv head g} scaling · Σ_s p_h(t,s) · |k_j(s)| · |[R_sᵀ q_rot,h(t)]_j|
+    attn_v     ‖ Σ_{u ∈ Q(j)} a_u(t) · W_o[:, u] ‖₂
+
+i.e. the attention-weighted absolute change of the attention logits when unit j is zeroed: q and
+k are the vectors that enter the dot product before the rotary embedding (after the per-head
+q_norm / k_norm of Qwen3 and Gemma 3), k_rot/q_rot after it, R_t the rotation at position t (so
+R_tᵀ k_rot(s) is the key seen in the query's frame), p_h the attention probabilities of query head h,
+`scaling` the module's logit scale; Q(j) the `o_proj` input units value unit j feeds
+(`AttentionGeometry.query_units_of_kv_unit`), a_u the `o_proj` inputs. `qk_impact="exact"` (default)
+computes the rotated factor per (t, s) in chunks, O(T²·D) per head; `qk_impact="pair"` replaces it
+by the rotation-free bound ρx_j = sqrt(x_j² + x_pair(j)²) (RoPE rotates dims d and d ± D/2 together),
+which costs one matmul. Attention probabilities need the eager attention implementation, switched on
+for the pass and restored after.
+
+Memory is O(sites × units × groups): nothing is kept per prompt or per token. The forward pass stops
+after the last decoder layer that holds a site (no final norm, no logits), by an exception raised from
+a hook on that layer and caught here; every hook is removed in `finally`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from neuroshield.data.records import PromptRecord, group_name
+from neuroshield.models.chat import POSITIONS, batches_by_length, collate, encode_chat
+from neuroshield.models.hooks import site_hooks
+from neuroshield.models.loading import LoadedModel
+from neuroshield.models.sites import Site, resolve_sites
+
+STATS_FORMAT = 1
+IMPACT_KINDS = ("attn_q", "attn_k", "attn_v")
+SUMS = ("sum", "sum_abs", "sum_sq", "n_pos")
+QK_IMPACT_MODES = ("exact", "pair")
+TENSOR_FILE = "stats.safetensors"
+META_FILE = "stats.json"
+
+
+class StatsMismatchError(ValueError):
+    pass
+
+
+def _norm_group(group: str | tuple[str, str, str]) -> str:
+    if isinstance(group, tuple):
+        return group_name(*group)
+    return group
+
+
+def data_hash(records: Iterable[PromptRecord]) -> str:
+    """sha256 of the sorted (id, text) pairs of `records` (one line `id<TAB>text` each)."""
+    h = hashlib.sha256()
+    for rid, text in sorted((r.id, r.text) for r in records):
+        h.update(rid.encode())
+        h.update(b"\t")
+        h.update(text.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def group_hashes(records: Iterable[PromptRecord]) -> dict[str, str]:
+    """`data_hash` per group name (`en/text/harmful`, ...)."""
+    by_group: dict[str, list[PromptRecord]] = {}
+    for r in records:
+        by_group.setdefault(group_name(*r.group), []).append(r)
+    return {g: data_hash(rs) for g, rs in sorted(by_group.items())}
+
+
+# --------------------------------------------------------------------------------------------------
+# The statistics object
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationStats:
+    """Running sums per (site, group). Tensors: `count` [G]; `<site key>/<sum name>` [G, width].
+
+    `meta` holds: model_id, config_hash, sites (keys, ordered), widths, positions, groups (names,
+    aligned with axis 0), prompts (per group), data_hashes (per group), max_length, impact (bool),
+    attention (implementation used for the pass).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # --- identity -----------------------------------------------------------------------------
+    def groups(self) -> list[str]:
+        return list(self.meta["groups"])
+
+    def sites(self) -> list[str]:
+        return list(self.meta["sites"])
+
+    def width(self, site: str) -> int:
+        return int(self.meta["widths"][site])
+
+    @property
+    def has_impact(self) -> bool:
+        return bool(self.meta.get("impact"))
+
+    def _index(self, group: str | tuple[str, str, str]) -> int:
+        name = _norm_group(group)
+        groups = self.meta["groups"]
+        if name not in groups:
+            raise KeyError(f"group {name!r} is not in these statistics; groups: {', '.join(groups) or 'none'}")
+        return groups.index(name)
+
+    def _site(self, site: str) -> str:
+        if site not in self.meta["widths"]:
+            raise KeyError(f"site {site!r} is not in these statistics; sites: {', '.join(self.sites())}")
+        return site
+
+    # --- per-group statistics -------------------------------------------------------------------
+    def count(self, group: str | tuple[str, str, str]) -> int:
+        """Counted tokens of the group."""
+        return int(self.tensors["count"][self._index(group)].item())
+
+    def prompts(self, group: str | tuple[str, str, str]) -> int:
+        return int(self.meta["prompts"][_norm_group(group)])
+
+    def data_hash(self, group: str | tuple[str, str, str]) -> str:
+        return str(self.meta["data_hashes"][_norm_group(group)])
+
+    def _per_site(self, group: str | tuple[str, str, str], site: str | None, fn: Any) -> Any:
+        g = self._index(group)
+        n = self.tensors["count"][g]
+        if site is not None:
+            return fn(self._site(site), g, n)
+        return {s: fn(s, g, n) for s in self.sites()}
+
+    def sum(self, name: str, group: str | tuple[str, str, str], site: str) -> torch.Tensor:
+        """A raw float64 sum (`sum`, `sum_abs`, `sum_sq`, `n_pos`, `impact`) of a site for a group."""
+        key = f"{self._site(site)}/{name}"
+        if key not in self.tensors:
+            raise KeyError(f"no {name!r} sums for site {site}; collect with impact=True for attention impacts")
+        return self.tensors[key][self._index(group)]
+
+    def mean(self, group: str | tuple[str, str, str], site: str | None = None) -> Any:
+        """Mean activation per unit (float64), per site key, or for one `site`."""
+        return self._per_site(group, site, lambda s, g, n: self.tensors[f"{s}/sum"][g] / n.clamp(min=1))
+
+    def mean_abs(self, group: str | tuple[str, str, str], site: str | None = None) -> Any:
+        return self._per_site(group, site, lambda s, g, n: self.tensors[f"{s}/sum_abs"][g] / n.clamp(min=1))
+
+    def var(self, group: str | tuple[str, str, str], site: str | None = None) -> Any:
+        """Unbiased variance over counted tokens, (Σa² − n·mean²)/(n − 1), clamped at 0."""
+
+        def fn(s: str, g: int, n: torch.Tensor) -> torch.Tensor:
+            m = self.tensors[f"{s}/sum"][g] / n.clamp(min=1)
+            return ((self.tensors[f"{s}/sum_sq"][g] - n * m * m) / (n - 1).clamp(min=1)).clamp(min=0)
+
+        return self._per_site(group, site, fn)
+
+    def frac_positive(self, group: str | tuple[str, str, str], site: str | None = None) -> Any:
+        return self._per_site(group, site, lambda s, g, n: self.tensors[f"{s}/n_pos"][g] / n.clamp(min=1))
+
+    def mean_impact(self, group: str | tuple[str, str, str], site: str | None = None) -> Any:
+        """Mean of the per-token attention impact sums (attn_q/k/v sites only; see module docs)."""
+
+        def fn(s: str, g: int, n: torch.Tensor) -> torch.Tensor:
+            key = f"{s}/impact"
+            if key not in self.tensors:
+                raise KeyError(f"site {s} has no impact sums (only {', '.join(IMPACT_KINDS)} sites have them, "
+                               "collected with impact=True)")
+            return self.tensors[key][g] / n.clamp(min=1)
+
+        if site is None:
+            return {s: fn(s, self._index(group), self.tensors["count"][self._index(group)])
+                    for s in self.sites() if f"{s}/impact" in self.tensors}
+        return self._per_site(group, site, fn)
+
+    def state_numel(self) -> int:
+        """Total number of elements held (independent of the number of prompts)."""
+        return sum(int(t.numel()) for t in self.tensors.values())
+
+    # --- combining -------------------------------------------------------------------------------
+    def subset(self, groups: Sequence[str]) -> ActivationStats:
+        """These statistics restricted to `groups` (in the given order)."""
+        idx = [self._index(g) for g in groups]
+        index = torch.tensor(idx, dtype=torch.long)
+        tensors = {k: v.index_select(0, index.to(v.device)).clone() for k, v in self.tensors.items()}
+        names = [_norm_group(g) for g in groups]
+        meta = dict(self.meta)
+        meta["groups"] = names
+        meta["prompts"] = {g: self.meta["prompts"][g] for g in names}
+        meta["data_hashes"] = {g: self.meta["data_hashes"][g] for g in names}
+        return ActivationStats(tensors, meta)
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Sums of both; groups in only one side are copied, groups in both are added.
+
+        Both must come from the same model, sites, positions, max_length and impact setting. A group
+        present on both sides is assumed to be made of different prompts (shards); its data hash becomes
+        `merged:` + sha256 of the two hashes, sorted.
+        """
+        for key in ("config_hash", "sites", "positions", "max_length", "impact"):
+            if self.meta.get(key) != other.meta.get(key):
+                raise StatsMismatchError(
+                    f"cannot merge statistics with different {key}: {self.meta.get(key)!r} vs {other.meta.get(key)!r}"
+                )
+        groups = self.groups() + [g for g in other.groups() if g not in self.meta["groups"]]
+        tensors: dict[str, torch.Tensor] = {}
+        for key, mine in self.tensors.items():
+            theirs = other.tensors[key].to(mine.device)
+            out = torch.zeros((len(groups), *mine.shape[1:]), dtype=torch.float64, device=mine.device)
+            out[: mine.shape[0]] = mine
+            for j, g in enumerate(other.groups()):
+                out[groups.index(g)] += theirs[j]
+            tensors[key] = out
+        meta = dict(self.meta)
+        meta["groups"] = groups
+        prompts, hashes = dict(self.meta["prompts"]), dict(self.meta["data_hashes"])
+        for g in other.groups():
+            if g in prompts:
+                prompts[g] += other.meta["prompts"][g]
+                pair = sorted([hashes[g], other.meta["data_hashes"][g]])
+                hashes[g] = "merged:" + hashlib.sha256("".join(pair).encode()).hexdigest()
+            else:
+                prompts[g] = other.meta["prompts"][g]
+                hashes[g] = other.meta["data_hashes"][g]
+        meta["prompts"], meta["data_hashes"] = prompts, hashes
+        return ActivationStats(tensors, meta)
+
+    # --- files -------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write `stats.safetensors` + `stats.json` into `directory`, each via a temporary name."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        st, js = d / TENSOR_FILE, d / META_FILE
+        tmp_st, tmp_js = d / (TENSOR_FILE + ".tmp"), d / (META_FILE + ".tmp")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}, str(tmp_st))
+        meta = dict(self.meta, format=STATS_FORMAT, tensor_bytes=tmp_st.stat().st_size)
+        tmp_js.write_text(json.dumps(meta, indent=1, ensure_ascii=False, default=str))
+        # JSON last: a stats folder whose JSON names the tensor file's size is complete
+        os.replace(tmp_st, st)
+        os.replace(tmp_js, js)
+        self.meta = meta
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ActivationStats:
+        d = Path(directory)
+        st, js = d / TENSOR_FILE, d / META_FILE
+        for p in (st, js):
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"statistics file missing: {p} (a stats folder holds {TENSOR_FILE} + {META_FILE})")
+        meta = json.loads(js.read_text())
+        if meta.get("format") != STATS_FORMAT:
+            raise ValueError(f"{js}: statistics format {meta.get('format')!r}, expected {STATS_FORMAT}")
+        if meta.get("tensor_bytes") is not None and st.stat().st_size != meta["tensor_bytes"]:
+            raise ValueError(f"{st} does not match {js} (size differs): delete the folder and collect again")
+        return cls(dict(load_file(str(st))), meta)
+
+    def check_model(self, loaded: LoadedModel) -> None:
+        if self.meta.get("config_hash") != loaded.config_hash:
+            raise StatsMismatchError(
+                f"statistics were collected on {self.meta.get('model_id')!r} (config hash "
+                f"{self.meta.get('config_hash')}); the loaded model {loaded.model_id!r} has {loaded.config_hash}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Collection
+# --------------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the last needed decoder layer to skip the rest of the forward pass."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The RoPE partner of each dim, as transformers' `rotate_half`: (x1, x2) -> (−x2, x1)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _pair_norm(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x_d² + x_{d±D/2}²) over the last dim (the rotary pairs of `rotate_half`)."""
+    half = x.shape[-1] // 2
+    sq = x * x
+    paired = torch.cat([sq[..., half:], sq[..., :half]], dim=-1) if x.shape[-1] % 2 == 0 else torch.zeros_like(sq)
+    return (sq + paired).sqrt()
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch a model to the eager attention implementation (which returns probabilities) and back."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+class ActivationCollector:
+    """The hooks that fill the running sums; usable on any forward pass (see `collect_statistics`).
+
+    Before each forward pass call `set_batch(mask, group_ids)` with the [B, T] mask of counted tokens
+    and the group index of each row. `attach(stop=True)` installs the hooks (and the early stop).
+    """
+
+    def __init__(self, loaded: LoadedModel, sites: Sequence[Site], n_groups: int, *, impact: bool,
+                 qk_impact: str = "exact", chunk_elements: int = 1 << 24, device: torch.device | None = None) -> None:
+        if qk_impact not in QK_IMPACT_MODES:
+            raise ValueError(f"qk_impact={qk_impact!r}: choose one of {', '.join(QK_IMPACT_MODES)}")
+        self.qk_impact = qk_impact
+        self.chunk_elements = chunk_elements
+        self.loaded = loaded
+        self.sites = list(sites)
+        self.n_groups = n_groups
+        self.device = device or loaded.device
+        if self.device.type == "mps":  # no float64 on MPS
+            self.device = torch.device("cpu")
+        self.impact = impact and any(s.kind in IMPACT_KINDS for s in self.sites)
+        self.tensors: dict[str, torch.Tensor] = {"count": self._zeros()}
+        # one [G, 4, W] block per site (sum, sum_abs, sum_sq, n_pos), updated by one matmul per hook call;
+        # the per-sum tensors are views of it
+        self._block: dict[str, torch.Tensor] = {}
+        for s in self.sites:
+            block = torch.zeros((n_groups, len(SUMS), s.width), dtype=torch.float64, device=self.device)
+            self._block[s.key] = block
+            for i, name in enumerate(SUMS):
+                self.tensors[f"{s.key}/{name}"] = block[:, i, :]
+            if self.impact and s.kind in IMPACT_KINDS:
+                self.tensors[f"{s.key}/impact"] = self._zeros(s.width)
+        self.geometry = loaded.adapter.geometry(loaded.model.config)
+        self.layers = loaded.adapter.layers(loaded.model)
+        self._mask: torch.Tensor | None = None
+        self._onehot = torch.zeros((n_groups, 0), dtype=torch.float64, device=self.device)
+        self._seen: set[str] = set()
+        self._buf: dict[tuple[int, str], torch.Tensor] = {}
+        by_layer: dict[int, set[str]] = {}
+        for s in self.sites:
+            by_layer.setdefault(s.layer, set()).add(s.kind)
+        self.impact_layers = {l: k & set(IMPACT_KINDS) for l, k in by_layer.items() if k & set(IMPACT_KINDS)} \
+            if self.impact else {}
+        self._gram: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _zeros(self, width: int | None = None) -> torch.Tensor:
+        shape = (self.n_groups,) if width is None else (self.n_groups, width)
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    @property
+    def last_layer(self) -> int:
+        return max(s.layer for s in self.sites)
+
+    # --- per batch -------------------------------------------------------------------------------
+    def set_batch(self, mask: torch.Tensor, group_ids: torch.Tensor) -> None:
+        """`mask` [B, T] bool of counted tokens; `group_ids` [B] long group index of each row."""
+        self._mask = mask
+        gid = group_ids[:, None].expand_as(mask)[mask].to(self.device)
+        # [G, N] one-hot: a matmul with it sums counted tokens per group (much faster than index_add_ on CPU)
+        self._onehot = torch.nn.functional.one_hot(gid, self.n_groups).T.to(torch.float64)
+        self.tensors["count"] += self._onehot.sum(1)
+        self._seen = set()
+        self._buf = {}
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...] counted tokens, float64, on the accumulator device."""
+        assert self._mask is not None, "call set_batch() before the forward pass"
+        return x[self._mask.to(x.device)].to(device=self.device, dtype=torch.float64)
+
+    def _add(self, key: str, values: torch.Tensor) -> None:
+        self.tensors[key] += self._onehot @ values
+
+    def _on_site(self, site: Site, units: torch.Tensor) -> None:
+        a = self._masked(units.detach())  # [N, W]
+        feats = torch.stack([a, a.abs(), a * a, (a > 0).to(torch.float64)], dim=1)  # order of SUMS
+        block = self._block[site.key]
+        block += (self._onehot @ feats.view(a.shape[0], -1)).view(block.shape)
+        self._seen.add(site.key)
+        return None
+
+    # --- attention impacts ------------------------------------------------------------------------
+    def _v_gram(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index [W_kv, rep] of the o_proj inputs each value unit feeds, Gram [W_kv, rep, rep])."""
+        if layer not in self._gram:
+            attn = getattr(self.layers[layer], self.loaded.adapter.attn)
+            o = getattr(attn, self.loaded.adapter.o_proj)
+            g = self.geometry
+            idx = torch.tensor([g.query_units_of_kv_unit(j) for j in range(g.num_kv_heads * g.head_dim)],
+                               dtype=torch.long, device=o.weight.device)
+            cols = o.weight.detach().to(torch.float64)[:, idx]  # [out, W_kv, rep]
+            gram = torch.einsum("okr,oks->krs", cols, cols)
+            self._gram[layer] = (idx, gram.to(self.device))
+        return self._gram[layer]
+
+    def _on_attention(self, layer: int, attn: nn.Module, output: Any) -> None:
+        kinds = self.impact_layers[layer]
+        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        g = self.geometry
+        if kinds & {"attn_q", "attn_k"}:
+            if probs is None:
+                raise RuntimeError(
+                    f"layer {layer}: the attention module returned no probabilities; the q/k impact needs "
+                    "the eager attention implementation"
+                )
+            q = self._buf.pop((layer, "q"))  # [B, T, H, D]
+            k = self._buf.pop((layer, "k"))  # [B, T, G, D]
+            pe = self._buf.pop((layer, "pe"), None)
+            work = torch.float64 if q.dtype == torch.float64 else torch.float32
+            p = probs.detach().to(work)  # [B, H, T, T]
+            q = q.detach().to(work).transpose(1, 2)  # [B, H, T, D]
+            k = k.detach().to(work).transpose(1, 2)  # [B, G, T, D]
+            scaling = float(getattr(attn, "scaling", g.head_dim ** -0.5))
+            if self.qk_impact == "exact" and pe is not None:
+                iq, ik = self._qk_exact(q, k, p, pe, kinds, work)
+            else:
+                iq, ik = self._qk_pair(q, k, p, kinds)
+            b, h, t, d = q.shape
+            if iq is not None:
+                self._add(f"{layer}.attn_q/impact", self._masked(scaling * iq.transpose(1, 2).reshape(b, t, h * d)))
+            if ik is not None:
+                ik = ik.view(b, g.num_kv_heads, g.group_size, t, d).sum(2)  # the heads that read kv head g
+                self._add(f"{layer}.attn_k/impact",
+                          self._masked(scaling * ik.transpose(1, 2).reshape(b, t, g.num_kv_heads * d)))
+        if "attn_v" in kinds:
+            a = self._masked(self._buf.pop((layer, "o_in")))  # [N, H*D]
+            idx, gram = self._v_gram(layer)
+            sel = a[:, idx.to(a.device)]  # [N, W_kv, rep]
+            quad = torch.einsum("nkr,krs,nks->nk", sel, gram, sel).clamp(min=0)
+            self._add(f"{layer}.attn_v/impact", quad.sqrt())
+
+    def _qk_pair(self, q: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                 kinds: set[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rotation-free bound: |q_j(t)| Σ_s p ρk_j(s) and ρq_j(t) Σ_s p |k_j(s)| (one matmul each)."""
+        kh = k.repeat_interleave(self.geometry.group_size, dim=1)  # query head h reads kv head h // rep
+        iq = q.abs() * torch.matmul(p, _pair_norm(kh)) if "attn_q" in kinds else None
+        ik = _pair_norm(q) * torch.matmul(p, kh.abs()) if "attn_k" in kinds else None
+        return iq, ik
+
+    def _qk_exact(self, q: torch.Tensor, k: torch.Tensor, p: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+                  kinds: set[str], work: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """|Δ logit| of zeroing a pre-RoPE unit, attention-weighted, for every counted query position.
+
+        Zeroing q_j changes logit (t, s) by −q_j(t)·[R_tᵀ k_rot(s)]_j (the key rotated back into the
+        query's rotary frame); zeroing k_j by −k_j(s)·[R_sᵀ q_rot(t)]_j. Exact for models without
+        q/k norms, first order through Qwen3/Gemma 3's per-head RMSNorm. Computed in chunks of query
+        positions (memory bounded by `chunk_elements`), only where some row counts the position.
+        """
+        g = self.geometry
+        b, h, t, d = q.shape
+        cos, sin = (x.detach().to(work) for x in pe)  # [B, T, D]
+        if cos.dim() == 2:
+            cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        q_rot = q * cos[:, None] + _rotate_half(q) * sin[:, None]  # [B, H, T, D]
+        k_rot = k * cos[:, None] + _rotate_half(k) * sin[:, None]  # [B, G, T, D]
+        k_rot_half = _rotate_half(k_rot)
+        assert self._mask is not None
+        rows = torch.nonzero(self._mask.any(0).to(q.device)).flatten()
+        iq = torch.zeros_like(q) if "attn_q" in kinds else None
+        ik = torch.zeros_like(q) if "attn_k" in kinds else None
+        kh_abs = k.abs().repeat_interleave(g.group_size, dim=1)  # [B, H, T, D]
+        step = max(1, self.chunk_elements // max(1, b * h * t * d))
+        for start in range(0, rows.numel(), step):
+            tc = rows[start:start + step]
+            pc = p[:, :, tc, :]  # [B, H, c, S]
+            c = tc.numel()
+            if iq is not None:
+                cos_t, sin_t = cos[:, None, tc, None, :], sin[:, None, tc, None, :]  # [B, 1, c, 1, D]
+                back = (k_rot[:, :, None] * cos_t - k_rot_half[:, :, None] * sin_t).abs()  # [B, G, c, S, D]
+                w = torch.einsum("bgrcs,bgcsd->bgrcd", pc.reshape(b, g.num_kv_heads, g.group_size, c, -1), back)
+                iq[:, :, tc] = q[:, :, tc].abs() * w.reshape(b, h, c, d)
+            if ik is not None:
+                qc = q_rot[:, :, tc, None, :]  # [B, H, c, 1, D]
+                back = (qc * cos[:, None, None] - _rotate_half(qc) * sin[:, None, None]).abs()  # [B, H, c, S, D]
+                ik[:, :, tc] = torch.einsum("bhcs,bhcsd,bhsd->bhcd", pc, back, kh_abs)
+        return iq, ik
+
+    def _impact_hooks(self, stack: ExitStack) -> None:
+        ad = self.loaded.adapter
+        for layer, kinds in self.impact_layers.items():
+            attn = getattr(self.layers[layer], ad.attn)
+            if kinds & {"attn_q", "attn_k"}:
+                for name, proj, norm in (("q", ad.q_proj, "q_norm"), ("k", ad.k_proj, "k_norm")):
+                    # Qwen3 / Gemma 3 normalise each head (RMSNorm over head_dim) before RoPE; the norm acts
+                    # on the last dim only, so applying the stock module to our [B, T, heads, D] view gives
+                    # what attention uses, whatever layout the model itself normalises in.
+                    norm_mod = getattr(attn, norm, None)
+                    heads = self.geometry.num_heads if name == "q" else self.geometry.num_kv_heads
+
+                    def capture(m: nn.Module, a: Any, out: torch.Tensor, _l: int = layer, _n: str = name,
+                                _h: int = heads, _norm: Any = norm_mod) -> None:
+                        x = out.view(*out.shape[:-1], _h, -1)
+                        self._buf[(_l, _n)] = _norm(x) if isinstance(_norm, nn.Module) else x
+
+                    stack.callback(getattr(attn, proj).register_forward_hook(capture).remove)
+
+                def capture_pe(m: nn.Module, args: Any, kwargs: Any, _l: int = layer) -> None:
+                    pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+                    if isinstance(pe, tuple) and len(pe) == 2:
+                        self._buf[(_l, "pe")] = pe
+
+                stack.callback(attn.register_forward_pre_hook(capture_pe, with_kwargs=True).remove)
+            if "attn_v" in kinds:
+                o = getattr(attn, ad.o_proj)
+                stack.callback(o.register_forward_pre_hook(
+                    lambda m, args, _l=layer: self._buf.__setitem__((_l, "o_in"), args[0])).remove)
+            stack.callback(attn.register_forward_hook(
+                lambda m, args, out, _l=layer: self._on_attention(_l, m, out)).remove)
+
+    # --- attaching -------------------------------------------------------------------------------
+    @contextmanager
+    def attach(self, stop: bool = True) -> Iterator[None]:
+        """Install all hooks; with `stop`, the forward pass ends (raising `_StopForward`) after the last
+        layer that has a site. Every hook is removed on exit."""
+        with ExitStack() as stack:
+            stack.enter_context(site_hooks(self.sites, self._on_site))
+            if self.impact:
+                self._impact_hooks(stack)
+            if stop:
+                def raise_stop(module: nn.Module, args: Any, output: Any) -> None:
+                    raise _StopForward
+
+                stack.callback(self.layers[self.last_layer].register_forward_hook(raise_stop).remove)
+            yield
+
+    def check_complete(self) -> None:
+        missing = [s.key for s in self.sites if s.key not in self._seen]
+        if missing:
+            raise RuntimeError(f"hooks did not fire at sites {missing}: the adapter does not match this model")
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 at each row's first real token (left padding), as `generate` does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def collect_statistics(
+    loaded: LoadedModel,
+    records: Sequence[PromptRecord],
+    *,
+    sites: Sequence[str] = ("ffn",),
+    positions: str = "prompt",
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = True,
+    impact: bool | None = None,
+    qk_impact: str = "exact",
+) -> ActivationStats:
+    """Stream `records` through the model once and return the running sums per (site, group).
+
+    Batches mix groups and are sorted by length (`batches_by_length`), left-padded (`collate`);
+    padding never counts, and only `positions` count (`prompt`, `user`, `last`, `post`). `impact`
+    (default: on when `attn_q/k/v` sites are asked for) adds the attention impact sums of the
+    `plnd` score, switching attention to the eager implementation for the pass; `qk_impact` is
+    `exact` (|Δ logit| with the rotary frames, O(T²·D) per head, chunked) or `pair` (a cheaper upper
+    bound, one matmul; see `ActivationCollector`).
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
+    if not records:
+        raise ValueError("no prompts given: statistics need at least one prompt per group")
+    images = [r for r in records if r.modality != "text" or r.image]
+    if images:
+        raise NotImplementedError(
+            f"{len(images)} image prompts (first: {images[0].id} in {images[0].language}): image statistics "
+            "need a vision-language processor, which collect_statistics does not handle yet; pass text prompts"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model, tok = loaded.model, loaded.tokenizer
+    site_list = resolve_sites(model, loaded.adapter, tuple(sites))
+    if not site_list:
+        raise ValueError(f"no sites of kinds {list(sites)} in this model")
+    if impact is None:
+        impact = any(s.kind in IMPACT_KINDS for s in site_list)
+    groups = sorted({group_name(*r.group) for r in records})
+    gindex = {g: i for i, g in enumerate(groups)}
+    rec_gid = [gindex[group_name(*r.group)] for r in records]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    encoded = [encode_chat(tok, r.text, max_length=max_length) for r in records]
+    collector = ActivationCollector(loaded, site_list, len(groups), impact=impact, qk_impact=qk_impact)
+    needs_eager = collector.impact and any(s.kind in ("attn_q", "attn_k") for s in site_list)
+    config_hash = loaded.config_hash
+    attn_impl = "eager" if needs_eager else getattr(model.config, "_attn_implementation", None)
+    batches = batches_by_length(encoded, batch_size)
+    from tqdm.auto import tqdm
+
+    device = loaded.device
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if needs_eager:
+            stack.enter_context(eager_attention(model))
+        stack.enter_context(collector.attach(stop=True))
+        bar = stack.enter_context(tqdm(total=len(records), desc="activation statistics", unit="prompt",
+                                       disable=not progress, leave=False))
+        for idx in batches:
+            chunk = [encoded[i] for i in idx]
+            batch = collate(chunk, pad_id)
+            mask = batch.count_mask(chunk, positions).to(device)
+            collector.set_batch(mask, torch.tensor([rec_gid[i] for i in idx], dtype=torch.long, device=device))
+            try:
+                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                      position_ids=position_ids_for(batch.attention_mask).to(device), use_cache=False)
+            except _StopForward:
+                pass
+            collector.check_complete()
+            bar.update(len(idx))
+    bad = [k for k, v in collector.tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RuntimeError(
+            f"non-finite activation sums at {', '.join(bad[:4])}: the model produced inf/NaN at counted tokens. "
+            "Known cause: float64 weights with eager attention and left padding (fully masked padding rows give "
+            "NaN); use float32/bfloat16, batch_size=1, or check the model"
+        )
+    prompts = {g: 0 for g in groups}
+    for r in records:
+        prompts[group_name(*r.group)] += 1
+    meta = {
+        "model_id": loaded.model_id,
+        "config_hash": config_hash,
+        "sites": [s.key for s in site_list],
+        "widths": {s.key: s.width for s in site_list},
+        "site_kinds": sorted({s.kind for s in site_list}),
+        "positions": positions,
+        "groups": groups,
+        "prompts": prompts,
+        "data_hashes": group_hashes(records),
+        "max_length": max_length,
+        "impact": bool(collector.impact),
+        "qk_impact": qk_impact if collector.impact else None,
+        "attention": attn_impl,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    return ActivationStats(collector.tensors, meta)
+
+
+__all__ = [
+    "ActivationStats", "ActivationCollector", "StatsMismatchError", "collect_statistics", "data_hash",
+    "group_hashes", "eager_attention", "position_ids_for", "IMPACT_KINDS",
+]

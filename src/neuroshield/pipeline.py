@@ -1,0 +1,265 @@
+"""The main job: identify -> overlap -> validate -> train -> evaluate -> report, in one run folder.
+
+Each stage writes into `<run>/<stage>/` and, when it finishes, a `stage.json` holding the fingerprint
+of its inputs (its config section, the data it read, the model, and the fingerprints of the stages it
+reads from). A rerun skips a stage whose `stage.json` matches; a stage that was interrupted has no
+`stage.json` and is run again, and its own caches (statistics, generations, checkpoints) let it pick
+up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from neuroshield import __version__
+from neuroshield.config import PipelineConfig
+from neuroshield.data.records import PromptRecord
+
+log = logging.getLogger(__name__)
+
+STAGES = ("identify", "validate", "train", "evaluate", "report")
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _records_fingerprint(records: list[PromptRecord]) -> str:
+    return _fingerprint(sorted((r.id, r.language, r.modality, r.label, r.text) for r in records))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """Runs the stages of one config; every stage is also callable on its own."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.run_dir = config.run_dir
+        self._loaded: Any = None
+        self.timings: dict[str, float] = {}
+
+    # --- shared inputs ----------------------------------------------------------------------------
+    def base_model(self) -> Any:
+        """A fresh copy of the base model (cached on disk, so reloading costs about a second)."""
+        from neuroshield.models import load_model
+
+        return load_model(self.config.model)
+
+    def model_identity(self) -> dict[str, Any]:
+        if self._loaded is None:
+            self._loaded = self.base_model()
+        return {"model": self.config.model, "model_id": self._loaded.model_id,
+                "config_hash": self._loaded.config_hash, **self._loaded.info}
+
+    def prompts(self, source: str, label: str, languages: list[str], split: str, limit: int | None) -> list[PromptRecord]:
+        """Prompts of `source` in `languages` (those it has), `split` by prompt id, `limit` per language."""
+        from neuroshield.data.loaders import DATASETS, load_prompts
+        from neuroshield.data.templates import load_parallel_benign
+        from neuroshield.neurons.splits import limit_per_group, select_split
+
+        name = source.split(":", 1)[0]
+        if name == "parallel-benign":
+            records = load_parallel_benign(languages)
+        else:
+            have = set(DATASETS[name].languages) if name in DATASETS else None
+            langs = [lang for lang in languages if have is None or lang in have]
+            if not langs:
+                return []
+            records = load_prompts(source, languages=langs, label=label)
+        records = [r for r in records if r.label == label]
+        records = select_split(records, split, self.config.held_out_fraction, self.config.seed)
+        return limit_per_group(records, limit, self.config.seed)
+
+    # --- stage runner -----------------------------------------------------------------------------
+    def _stage(self, name: str, inputs: dict[str, Any], body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        stage_dir = self.run_dir / name
+        marker = stage_dir / "stage.json"
+        fingerprint = _fingerprint({"inputs": inputs, "version": __version__})
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("fingerprint") == fingerprint:
+                log.info("stage %s: up to date, skipped (%s)", name, marker)
+                return done
+            log.info("stage %s: inputs changed, running again", name)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        log.info("stage %s: running", name)
+        outputs = body(stage_dir)
+        seconds = round(time.perf_counter() - start, 1)
+        record = {"stage": name, "fingerprint": fingerprint, "seconds": seconds, "outputs": outputs,
+                  "inputs": inputs}
+        _write_json(marker, record)
+        self.timings[name] = seconds
+        return record
+
+    # --- stages -----------------------------------------------------------------------------------
+    def identify(self) -> dict[str, Any]:
+        from neuroshield.neurons.identify import identify, overlap_report
+
+        c, ic = self.config, self.config.identify
+        harmful = [r for s in ic.harmful for r in self.prompts(s, "harmful", c.languages, "held-in", ic.per_language)]
+        benign = [r for s in ic.benign for r in self.prompts(s, "benign", c.languages, "held-in", ic.per_language)]
+        inputs = {"config": ic.__dict__, "languages": c.languages, "high_resource": c.high_resource,
+                  "model": self.model_identity(), "harmful": _records_fingerprint(harmful),
+                  "benign": _records_fingerprint(benign)}
+
+        def body(out: Path) -> dict[str, Any]:
+            result = identify(self._loaded, harmful, benign, languages=c.languages, method=ic.methods, rho=ic.rho,
+                              sites=ic.sites, positions=ic.positions, high_resource=c.high_resource, out_dir=out,
+                              batch_size=ic.batch_size, seed=c.seed)
+            overlap_report(out)
+            return {"summary": str(result.summary_path)}
+
+        return self._stage("identify", inputs, body)
+
+    def validate(self, identified: dict[str, Any]) -> dict[str, Any]:
+        from neuroshield.intervene.validate import validate
+        from neuroshield.neurons.neuronset import NeuronSet
+
+        c, vc = self.config, self.config.validate
+        set_dir = self.run_dir / "identify" / vc.method
+        harmful = {lang: self.prompts(c.identify.harmful[0], "harmful", [lang], "held-out", vc.per_language)
+                   for lang in c.languages}
+        guard = [r for lang in c.languages[:2]
+                 for r in self.prompts("parallel-benign", "benign", [lang], "held-out", vc.benign_guard)]
+        inputs = {"config": vc.__dict__, "identify": identified["fingerprint"], "guard": _records_fingerprint(guard),
+                  "harmful": {k: _records_fingerprint(v) for k, v in harmful.items()}}
+        hr = c.high_resource[0]
+        others = [lang for lang in c.languages if lang not in c.high_resource]
+
+        def body(out: Path) -> dict[str, Any]:
+            loaded = self._loaded
+            experiments: dict[str, str] = {}
+
+            def run(name: str, set_name: str, mode: str, prompts: list[PromptRecord]) -> None:
+                path = set_dir / f"{set_name}.safetensors"
+                if not prompts or not path.is_file():
+                    log.warning("validate %s: skipped (no prompts or no set %s)", name, path)
+                    return
+                ns = NeuronSet.load(path, loaded)
+                if len(ns) == 0:
+                    log.warning("validate %s: set %s is empty; skipped", name, set_name)
+                    return
+                validate(loaded, ns, prompts, mode=mode, controls=vc.controls, seed=c.seed,
+                         max_new_tokens=vc.max_new_tokens, batch_size=vc.batch_size,
+                         benign_guard=guard if name.startswith("suppress") else None, out_dir=out / name)
+                experiments[name] = str(out / name / "validation.json")
+
+            # (a) suppress the high-resource MS neurons on high-resource prompts
+            run(f"suppress-ms-{hr}", f"ms_{hr}", "zero", harmful[hr])
+            # (b) suppress SS(lang) on each other language; (c) reinforce SS(lang) there
+            for lang in others:
+                run(f"suppress-ss-{lang}", f"ss_{lang}", "zero", harmful[lang])
+            for lang in others:
+                run(f"reinforce-ss-{lang}", f"ss_{lang}", f"scale:{vc.reinforce_scale}", harmful[lang])
+            return {"experiments": experiments}
+
+        return self._stage("validate", inputs, body)
+
+    def train(self, identified: dict[str, Any]) -> dict[str, Any]:
+        from neuroshield.train.recipes import recipe_neuron_set, train
+
+        c, tc = self.config, self.config.train
+        harmful = [r for lang in tc.languages
+                   for r in self.prompts(c.identify.harmful[0], "harmful", [lang], "held-in", tc.per_language)]
+        benign = self.prompts(tc.benign, "benign", ["en"], "held-in", tc.benign_count)
+        inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "harmful": _records_fingerprint(harmful),
+                  "benign": _records_fingerprint(benign), "seed": c.seed}
+
+        def body(out: Path) -> dict[str, Any]:
+            results: dict[str, Any] = {}
+            set_dir = self.run_dir / "identify" / tc.method
+            for recipe in tc.recipes:
+                loaded = self.base_model()  # every recipe starts from the base weights
+                neuron_set = None
+                if recipe in ("precise-shield", "ss-expansion", "random"):
+                    neuron_set = recipe_neuron_set(recipe, loaded, set_dir, set_languages=c.languages,
+                                                   high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed)
+                result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
+                               languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe != "full" else None,
+                               batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
+                               seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl")
+                results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
+                                   "parameters_updated": result.parameters_updated,
+                                   "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}
+            return {"recipes": results}
+
+        return self._stage("train", inputs, body)
+
+    def evaluate(self, trained: dict[str, Any] | None) -> dict[str, Any]:
+        from neuroshield.evaluate.evaluate import EvalSuite, evaluate
+        from neuroshield.models import load_model
+
+        c, ec = self.config, self.config.evaluate
+        harmful = [r for r in self.prompts(c.identify.harmful[0], "harmful", c.languages, "held-out",
+                                           ec.harmful_per_language)]
+        benign = [r for s in ec.benign for r in self.prompts(s, "benign", c.languages, "held-out", ec.benign_per_language)]
+        mgsm = self.prompts("mgsm", "benign", c.languages, "held-out", ec.mgsm_per_language) if ec.mgsm_per_language else []
+        xcopa = (self.prompts("xcopa", "benign", ec.xcopa_languages, "all", ec.xcopa_per_language)
+                 if ec.xcopa_per_language else [])
+        suite = EvalSuite(harmful=harmful, benign=benign, mgsm=mgsm, xcopa=xcopa,
+                          sources={"harmful": c.identify.harmful[:1], "benign": ec.benign,
+                                   "capability": (["mgsm"] if mgsm else []) + (["xcopa"] if xcopa else [])})
+        recipes = (trained or {}).get("outputs", {}).get("recipes", {})
+        inputs = {"config": ec.__dict__, "model": self.model_identity(), "suite": suite.describe(),
+                  "train": (trained or {}).get("fingerprint")}
+
+        def body(out: Path) -> dict[str, Any]:
+            results = {}
+            kw = dict(judge=ec.judge, batch_size=ec.batch_size, max_new_tokens=ec.max_new_tokens, seed=c.seed)
+            evaluate(self._loaded, suite, out_dir=out / "base", tag="base", **kw)
+            results["base"] = str(out / "base" / "eval.json")
+            for recipe, info in recipes.items():
+                if info.get("patch"):
+                    evaluate(self._loaded, suite, patch=info["patch"], out_dir=out / recipe, tag=recipe, **kw)
+                elif info.get("model_dir"):
+                    evaluate(load_model(info["model_dir"]), suite, out_dir=out / recipe, tag=recipe, **kw)
+                else:
+                    continue
+                results[recipe] = str(out / recipe / "eval.json")
+            return {"evaluations": results}
+
+        return self._stage("evaluate", inputs, body)
+
+    def report(self) -> Path:
+        from neuroshield.report.report import build_report
+
+        return build_report(self.run_dir, title=f"neuroshield report: {self.config.name} ({self.config.model})")
+
+    # --- all --------------------------------------------------------------------------------------
+    def run(self, stages: tuple[str, ...] = STAGES) -> Path:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.run_dir / "config.json", self.config.to_dict())
+        start = time.perf_counter()
+        self.model_identity()
+        identified = self.identify() if "identify" in stages else None
+        if identified is None:
+            raise ValueError("the identify stage is needed by every later stage")
+        if self.config.validate.enabled and "validate" in stages:
+            self.validate(identified)
+        trained = self.train(identified) if self.config.train.enabled and "train" in stages else None
+        if self.config.evaluate.enabled and "evaluate" in stages:
+            self.evaluate(trained)
+        _write_json(self.run_dir / "pipeline.json", {"wall_seconds": round(time.perf_counter() - start, 1),
+                                                     "stage_seconds": self.timings, "version": __version__})
+        return self.report()
+
+
+def run_pipeline(config: PipelineConfig, stages: tuple[str, ...] = STAGES) -> Path:
+    """Run the whole pipeline for `config`; returns the path of the HTML report."""
+    return Pipeline(config).run(stages)

@@ -1,0 +1,291 @@
+"""Training examples for neuron-only training: (prompt, response) pairs, tokenized, batched.
+
+* Harmful prompts -> refusal responses: `neuroshield.data.templates.refusal_for(id, language)`
+  (deterministic per prompt id, parallel across languages), or the record's own reference refusal
+  (e.g. HarmBench `safe-responses`) when `use_references=True`.
+* Benign prompts -> the base model's own answers (generated once, greedy, cached in a JSONL file keyed
+  by the model's config hash, the generation settings and the prompt id; every finished batch is
+  appended, so an interrupted generation resumes where it stopped), or reference outputs.
+* Tokenized with `encode_chat(tokenizer, prompt, response=...)`; labels are -100 everywhere except on
+  response tokens (the loss is on the response only). Batches are right-padded (attention mask 0 on the
+  padding; right padding keeps the position ids of real tokens 0..n-1 without passing position ids).
+* `ExampleStream` is the deterministic training order: a pure function of (seed, step), so resuming
+  from a checkpoint sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuroshield.data.records import PromptRecord
+from neuroshield.models.chat import encode_chat
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One supervised pair. `response_source`: refusal-template | reference | self."""
+
+    id: str
+    language: str
+    label: str  # harmful | benign
+    prompt: str
+    response: str
+    response_source: str
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]  # IGNORE_INDEX outside the response
+    prompt_len: int
+    id: str
+    language: str
+    label: str
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------------
+
+
+def refusal_examples(
+    records: Sequence[PromptRecord], *, use_references: bool = False,
+    refusal_fn: Callable[[str, str], str] | None = None,
+) -> list[TrainExample]:
+    """Harmful prompts paired with refusals (the record's reference when asked and present)."""
+    if refusal_fn is None:
+        from neuroshield.data.templates import refusal_for as refusal_fn  # noqa: N813
+    out = []
+    for r in records:
+        if use_references and r.reference:
+            out.append(TrainExample(r.id, r.language, "harmful", r.text, r.reference, "reference"))
+        else:
+            out.append(TrainExample(r.id, r.language, "harmful", r.text, refusal_fn(r.id, r.language),
+                                    "refusal-template"))
+    return out
+
+
+def reference_examples(records: Sequence[PromptRecord]) -> list[TrainExample]:
+    """Benign prompts paired with their reference outputs (records without one are skipped)."""
+    out = [TrainExample(r.id, r.language, "benign", r.text, r.reference, "reference")
+           for r in records if r.reference]
+    if len(out) < len(records):
+        log.warning("%d benign records have no reference output and were skipped", len(records) - len(out))
+    return out
+
+
+def answer_cache_key(config_hash: str, max_new_tokens: int, system: str | None = None) -> str:
+    """What the cached answers depend on: the model (config hash) and the generation settings."""
+    raw = json.dumps({"config_hash": config_hash, "max_new_tokens": max_new_tokens, "system": system,
+                      "decoding": "greedy"}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path, key: str) -> dict[tuple[str, str], str]:
+    found: dict[tuple[str, str], str] = {}
+    if not path.is_file():
+        return found
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an interruption: regenerate it
+                continue
+            if isinstance(row, dict) and row.get("key") == key and isinstance(row.get("response"), str):
+                found[(row["id"], row["language"])] = row["response"]
+    return found
+
+
+def self_answer_examples(
+    loaded: Any, records: Sequence[PromptRecord], cache_path: str | Path, *, max_new_tokens: int = 128,
+    batch_size: int = 8, system: str | None = None, model_key: str | None = None, progress: bool = True,
+    max_prompt_tokens: int | None = None,
+) -> list[TrainExample]:
+    """Benign prompts paired with the base model's own greedy answers, cached in `cache_path` (JSONL).
+
+    Call this before any training touches the model. Answers already in the cache (same model config
+    hash, same settings, same prompt id and language) are reused; the others are generated in batches,
+    each batch appended to the file as soon as it is done. Empty answers are dropped with a warning.
+    `model_key` overrides the model identity used in the key (default: the config hash plus model id).
+    Prompts longer than `max_prompt_tokens` chat tokens are skipped with a warning (training would cut
+    them anyway, and one very long prompt makes its whole generation batch as long).
+    """
+    path = Path(cache_path)
+    if max_prompt_tokens is not None:
+        keep = [r for r in records if len(encode_chat(loaded.tokenizer, r.text).input_ids) <= max_prompt_tokens]
+        if len(keep) < len(records):
+            log.warning("%d benign prompts are longer than %d tokens and were skipped",
+                        len(records) - len(keep), max_prompt_tokens)
+        records = keep
+    ident = model_key or f"{loaded.config_hash}:{loaded.model_id}"
+    key = answer_cache_key(ident, max_new_tokens, system)
+    cached = _read_cache(path, key)
+    todo = [r for r in records if (r.id, r.language) not in cached]
+    if todo:
+        from neuroshield.evaluate.generation import GenerationConfig, generate
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("generating the base model's answers to %d benign prompts (cached in %s)", len(todo), path)
+        with open(path, "a", encoding="utf-8") as f:
+            def on_batch(indices: list[int], gens: list[Any]) -> None:
+                for i, g in zip(indices, gens):
+                    r = todo[i]
+                    cached[(r.id, r.language)] = g.text
+                    f.write(json.dumps({"key": key, "id": r.id, "language": r.language, "response": g.text,
+                                        "model": ident}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+            generate(loaded, list(todo), cfg, progress=progress, desc="benign answers", on_batch=on_batch)
+    out, empty = [], 0
+    for r in records:
+        text = cached[(r.id, r.language)].strip()
+        if not text:
+            empty += 1
+            continue
+        out.append(TrainExample(r.id, r.language, "benign", r.text, text, "self"))
+    if empty:
+        log.warning("%d benign prompts got an empty answer from the base model and were skipped", empty)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization and batching
+# --------------------------------------------------------------------------------------------------
+
+
+def encode_example(tokenizer: Any, ex: TrainExample, max_length: int, system: str | None = None,
+                   min_response_tokens: int = 16) -> EncodedExample:
+    """Chat-encode prompt + response; labels only on the response (and its EOS).
+
+    When too long, the response is cut first (to no less than `min_response_tokens`), then the start of
+    the user's text (the chat template's tokens around it are kept).
+    """
+    enc = encode_chat(tokenizer, ex.prompt, response=ex.response, system=system)
+    ids, p = list(enc.input_ids), enc.prompt_len
+    if len(ids) > max_length:
+        resp_keep = max(max_length - p, min(min_response_tokens, len(ids) - p))
+        ids = ids[: p + resp_keep]
+        if len(ids) > max_length:
+            cut = len(ids) - max_length
+            s, e = enc.user_span
+            if cut >= e - s:
+                raise ValueError(f"example {ex.id!r}: max_length={max_length} leaves no room for the prompt; raise it")
+            ids = ids[:s] + ids[s + cut:]
+            p -= cut
+    labels = [IGNORE_INDEX] * p + ids[p:]
+    if len(labels) == p:
+        raise ValueError(f"example {ex.id!r}: empty response")
+    return EncodedExample(tuple(ids), tuple(labels), p, ex.id, ex.language, ex.label)
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[TrainExample], max_length: int,
+                    system: str | None = None) -> list[EncodedExample]:
+    return [encode_example(tokenizer, ex, max_length, system) for ex in examples]
+
+
+def collate_examples(encoded: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest: `input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on padding)."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(encoded), width), dtype=torch.long)
+    lab = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        att[row, :n] = 1
+        lab[row, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+class ExampleStream:
+    """Deterministic infinite order over harmful and benign examples, mixed at `benign_fraction`.
+
+    Example j of the stream is benign iff floor((j+1)·f) > floor(j·f); each kind cycles through its own
+    seeded permutations, one per epoch. `take(start, n)` is a pure function of its arguments.
+    """
+
+    def __init__(self, harmful: Sequence[Any], benign: Sequence[Any], benign_fraction: float = 0.5,
+                 seed: int = 0) -> None:
+        if not harmful and not benign:
+            raise ValueError("no training examples: both the harmful and the benign lists are empty")
+        if not 0.0 <= benign_fraction <= 1.0:
+            raise ValueError(f"benign_fraction must be in [0, 1], got {benign_fraction}")
+        if not benign:
+            benign_fraction = 0.0
+        if not harmful:
+            benign_fraction = 1.0
+        self.harmful, self.benign, self.fraction, self.seed = list(harmful), list(benign), benign_fraction, seed
+        self._perms: dict[tuple[int, int], list[int]] = {}
+
+    def _item(self, kind: int, k: int) -> Any:
+        items = self.benign if kind else self.harmful
+        epoch, pos = divmod(k, len(items))
+        key = (kind, epoch)
+        if key not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + kind * 7919 + epoch)
+            self._perms[key] = torch.randperm(len(items), generator=g).tolist()
+            if len(self._perms) > 8:  # keep memory flat on long runs
+                self._perms.pop(next(iter(self._perms)))
+        return items[self._perms[key][pos]]
+
+    def __getitem__(self, j: int) -> Any:
+        f = self.fraction
+        n_benign_before = math.floor(j * f + 1e-9)
+        is_benign = math.floor((j + 1) * f + 1e-9) > n_benign_before
+        return self._item(1, n_benign_before) if is_benign else self._item(0, j - n_benign_before)
+
+    def take(self, start: int, n: int) -> list[Any]:
+        return [self[j] for j in range(start, start + n)]
+
+
+def data_fingerprint(harmful: Sequence[EncodedExample], benign: Sequence[EncodedExample]) -> str:
+    h = hashlib.sha256()
+    for e in list(harmful) + list(benign):
+        h.update(json.dumps([e.id, e.language, e.label, list(e.input_ids), e.prompt_len]).encode())
+    return h.hexdigest()[:16]
+
+
+def example_summary(examples: Sequence[TrainExample]) -> dict[str, Any]:
+    by: dict[str, int] = {}
+    for ex in examples:
+        k = f"{ex.language}/{ex.label}/{ex.response_source}"
+        by[k] = by.get(k, 0) + 1
+    return {"examples": len(examples), "by_language_label_source": dict(sorted(by.items()))}
+
+
+def write_examples(path: str | Path, examples: Sequence[TrainExample]) -> None:
+    """The training pairs as JSONL (written to a temporary name, then renamed)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
+    os.replace(tmp, p)
+
+
+__all__ = [
+    "IGNORE_INDEX", "TrainExample", "EncodedExample", "refusal_examples", "reference_examples",
+    "self_answer_examples", "answer_cache_key", "encode_example", "encode_examples", "collate_examples",
+    "ExampleStream", "data_fingerprint", "example_summary", "write_examples",
+]

@@ -1,0 +1,160 @@
+"""Export a trained model as a plain Hugging Face checkpoint, and prove it is the trained one.
+
+`save_merged` writes `save_pretrained` (safetensors) + tokenizer into a folder, then checks:
+
+1. the saved tensors differ from the base model (the "checkpoint identical to base" bug of SN-Tune and
+   its forks): digests of the saved tensors are compared with digests taken from the base model before
+   training; when the trained parameters are known (`expect_changed`), exactly those must differ;
+2. plain `transformers.AutoModelForCausalLM.from_pretrained(folder)` reloads it with logits identical
+   to the in-memory model (`verify_reload=True`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(t.dtype).encode())
+    h.update(str(tuple(t.shape)).encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def param_digests(model: nn.Module) -> dict[str, str]:
+    """Digest of every tensor of the state dict (tied tensors appear under each of their names)."""
+    return {name: tensor_digest(t) for name, t in model.state_dict().items()}
+
+
+def saved_digests(folder: str | Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                out[name] = tensor_digest(st.get_tensor(name))
+    if not out:
+        raise ExportError(f"{folder}: no safetensors files were written")
+    return out
+
+
+@dataclass
+class ExportResult:
+    folder: str
+    tensors_saved: int
+    tensors_changed: list[str] = field(default_factory=list)
+    reload_max_abs_diff: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": self.folder, "tensors_saved": self.tensors_saved,
+                "tensors_changed": len(self.tensors_changed), "changed_names": self.tensors_changed,
+                "reload_max_abs_diff": self.reload_max_abs_diff}
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, tokenizer: Any, text: str = "Hello! How do I bake bread?") -> torch.Tensor:
+    from neuroshield.models.chat import encode_chat
+
+    enc = encode_chat(tokenizer, text)
+    device = next(model.parameters()).device
+    ids = torch.tensor([enc.input_ids], device=device)
+    was = model.training
+    model.eval()
+    try:
+        return model(input_ids=ids, use_cache=False).logits.float().cpu()
+    finally:
+        model.train(was)
+
+
+def verify_reload(folder: str | Path, model: nn.Module, tokenizer: Any, atol: float = 0.0) -> float:
+    """Reload `folder` with plain transformers; logits must equal `model`'s (max |diff| <= atol)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = probe_logits(model, tokenizer)
+    dtype = next(model.parameters()).dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    reloaded.eval()
+    got = probe_logits(reloaded, tokenizer)
+    del reloaded
+    diff = float((ref - got).abs().max())
+    if diff > atol:
+        raise ExportError(f"{folder}: reloaded with plain transformers, the logits differ by {diff:g} "
+                          f"(allowed {atol:g}); the export is not the trained model")
+    return diff
+
+
+def save_merged(
+    loaded: Any, folder: str | Path, *, base_digests: dict[str, str] | None = None,
+    expect_changed: Iterable[str] | None = None, verify: bool = True, atol: float = 0.0,
+    meta: dict[str, Any] | None = None,
+) -> ExportResult:
+    """`save_pretrained` the (already merged, hook-free) `loaded.model` + tokenizer into `folder`.
+
+    `base_digests` (from `param_digests` before training) enables the "differs from base" check;
+    `expect_changed` (parameter names) makes it exact: those and only those must differ.
+    """
+    out = Path(folder)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model = loaded.model
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if getattr(loaded, "tokenizer", None) is not None:
+        loaded.tokenizer.save_pretrained(str(tmp))
+    if meta:
+        (tmp / "neuroshield-train.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False, default=str))
+    saved = saved_digests(tmp)
+    result = ExportResult(folder=str(out), tensors_saved=len(saved))
+    if base_digests is not None:
+        changed = sorted(n for n, d in saved.items() if n in base_digests and base_digests[n] != d)
+        unknown = sorted(n for n in saved if n not in base_digests)
+        if unknown:
+            raise ExportError(f"{out}: saved tensors not in the base model: {unknown[:5]}")
+        if not changed:
+            raise ExportError(
+                f"{out}: the saved checkpoint is identical to the base model (training changed nothing, or the "
+                "trained values were not merged into the weights before saving)"
+            )
+        if expect_changed is not None:
+            want = set(expect_changed)
+            missing = sorted(want - set(changed))
+            extra = sorted(set(changed) - want)
+            if missing or extra:
+                raise ExportError(f"{out}: saved tensors that differ from the base do not match the trained ones "
+                                  f"(unchanged but trained: {missing[:5]}; changed but not trained: {extra[:5]})")
+        result.tensors_changed = changed
+    if verify:
+        result.reload_max_abs_diff = verify_reload(tmp, model, loaded.tokenizer, atol)
+    if out.exists():
+        import shutil
+
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return result
+
+
+__all__ = ["ExportError", "ExportResult", "param_digests", "saved_digests", "save_merged", "verify_reload",
+           "tensor_digest", "probe_logits"]

@@ -1,0 +1,81 @@
+"""The whole pipeline on a tiny random model saved to a folder: every stage runs, writes its
+artifacts, and a rerun skips finished stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neuroshield.config import ConfigError, PipelineConfig, load_config
+from neuroshield.models.tiny import tiny_model
+from neuroshield.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    lm = tiny_model("qwen2", layers=2, hidden=32, intermediate=64)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(tmp_path: Path, model: Path) -> PipelineConfig:
+    text = f"""
+name: tiny
+model: {model}
+out_dir: {tmp_path / 'runs'}
+languages: [en, zh]
+identify: {{per_language: 4, methods: [plnd, precise-shield], rho: 0.1, batch_size: 4}}
+validate: {{per_language: 2, controls: 1, max_new_tokens: 4, benign_guard: 2, batch_size: 4}}
+train: {{recipes: [precise-shield, random], per_language: 4, benign_count: 2, steps: 2, batch_size: 2,
+        max_length: 96, budget: 0.05}}
+evaluate: {{harmful_per_language: 2, benign_per_language: 2, max_new_tokens: 4, batch_size: 4}}
+"""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path, tiny_folder: Path) -> None:
+    config = _config(tmp_path, tiny_folder)
+    report = Pipeline(config).run()
+    run = config.run_dir
+    assert report.is_file() and report.name == "report.html"
+    for stage in ("identify", "validate", "train", "evaluate"):
+        assert (run / stage / "stage.json").is_file(), stage
+    assert (run / "identify" / "plnd" / "ms_en.safetensors").is_file()
+    assert (run / "train" / "precise-shield" / "safety_patch.safetensors").is_file()
+    evals = json.loads((run / "evaluate" / "stage.json").read_text())["outputs"]["evaluations"]
+    assert set(evals) == {"base", "precise-shield", "random"}
+    html = report.read_text()
+    assert "data:image/png;base64" in html
+
+    again = Pipeline(config)
+    again.run()
+    assert again.timings == {}  # every stage was up to date
+
+    # a changed stage input reruns that stage (and those after it), not the ones before
+    config.evaluate.harmful_per_language = 1
+    third = Pipeline(config)
+    third.run()
+    assert set(third.timings) == {"evaluate"}
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.train: unknown key\(s\) \['stepz'\]"):
+        load_config(path)
+    path.write_text("identify: {rho: high}\n")
+    with pytest.raises(ConfigError, match="identify.rho: expected a number"):
+        load_config(path)
+
+
+def test_shipped_configs_load() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("quick.yaml", "full.yaml"):
+        assert load_config(root / name).languages
