@@ -211,10 +211,20 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def timed2(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, result). With one torch thread the CPU time is the
+    work itself: on a shared, oversubscribed machine it leaves out the time spent waiting for a core,
+    which is most of the noise of the wall time."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
 def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
                on_round: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
     """Run every function once per round, in the given order (A, B, C, A, B, C, ...), after `warmup`
-    untimed rounds; returns one record per round: {name: seconds, ..., "loadavg": [...]}."""
+    untimed rounds; returns one record per round: {name: wall seconds, name_cpu: CPU seconds, ...,
+    "loadavg": [...]}."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -224,7 +234,7 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
         # alternate the order inside a round (ABC, CBA, ...) so that no side is always first
         names = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
         for name in names:
-            row[name], _ = timed(fns[name])
+            row[name], row[f"{name}_cpu"], _ = timed2(fns[name])
         row["loadavg"] = loadavg()
         rows.append(row)
         if on_round is not None:
@@ -289,8 +299,18 @@ def _section_re(name: str) -> re.Pattern[str]:
     return re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
 
 
+NOTES_DIR = BENCH_DIR / "notes"
+
+
 def update_results_md(name: str, body: str) -> Path:
-    """Replace (or add) the section `name` of RESULTS.md; keeps the other sections as they are."""
+    """Replace (or add) the section `name` of RESULTS.md; keeps the other sections as they are.
+
+    Hand-written findings (profiles, causes, fixes) live in `benchmarks/notes/<name>.md` and are
+    appended to the section, so a rerun refreshes the numbers without losing them; a note should say
+    which run it describes."""
+    note = NOTES_DIR / f"{name}.md"
+    if note.is_file():
+        body = body.rstrip() + "\n\n" + note.read_text().strip()
     block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n<!-- END {name} -->"
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else MD_HEADER
     sections = {}

@@ -279,3 +279,11 @@ def test_cli_identify_and_overlap(tmp_path):
     res = runner.invoke(app, ["identify", "--model", str(folder), "--harmful", str(harm_file), "--benign",
                               str(ben_file), "--languages", "en,de", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "de" in res.output
+
+
+def test_cli_data_sources_split_on_commas_but_keep_options():
+    from neuroshield.commands.identify import split_sources
+
+    assert split_sources("xsafety:Insult,Mental_Health,mgsm") == ["xsafety:Insult,Mental_Health", "mgsm"]
+    assert split_sources("mgsm,parallel-benign") == ["mgsm", "parallel-benign"]
+    assert split_sources("a/b.jsonl, xsafety") == ["a/b.jsonl", "xsafety"]

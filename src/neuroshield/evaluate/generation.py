@@ -303,9 +303,22 @@ def _scored_batches(
 
 def _logprobs_at(loaded: LoadedModel, sb: _ScoredBatch) -> torch.Tensor:
     """[N, V] float32 log-probabilities at the scored positions."""
-    logits = loaded.model(**sb.inputs, use_cache=False).logits
-    picked = logits[sb.positions[:, 0], sb.positions[:, 1]]
+    width = sb.inputs["input_ids"].shape[1]
+    if sb.positions.numel() == 0:
+        return torch.empty((0, 0))
+    first = int(sb.positions[:, 1].min())
+    logits = _forward_logits(loaded, sb.inputs, width - first)
+    picked = logits[sb.positions[:, 0], sb.positions[:, 1] - (width - logits.shape[1])]
     return torch.log_softmax(picked.float(), dim=-1)
+
+
+def _forward_logits(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions (left padding puts every response there): the LM head runs only
+    on those (`logits_to_keep`), which matters with large vocabularies; all positions if unsupported."""
+    try:
+        return loaded.model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:
+        return loaded.model(**inputs, use_cache=False).logits
 
 
 def _split_sum(values: torch.Tensor, counts: list[int]) -> list[float]:
@@ -422,7 +435,7 @@ def next_token_distributions(
     resp = responses if responses is not None else [()] * len(prompts)
     out: list[torch.Tensor | None] = [None] * len(prompts)
     for sb in _scored_batches(loaded, prompts, resp, batch_size, system, include_eos=False):
-        logits = loaded.model(**sb.inputs, use_cache=False).logits
+        logits = _forward_logits(loaded, sb.inputs, max(sb.counts) + 1)
         width = logits.shape[1]
         for r, i in enumerate(sb.indices):
             n = sb.counts[r]

@@ -302,8 +302,8 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["language"] if (r["modality"], r["label"]) == ("text", "harmful")
-              else f"{r['language']}\n{r['modality']}/{r['label']}" for r in rows]
+    labels = [(r["language"] if (r["modality"], r["label"]) == ("text", "harmful")
+               else f"{r['language']}\n{r['modality']}/{r['label']}") + f"\nn={r['n']}" for r in rows]
     x = list(range(len(rows)))
     width = 0.27
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.8))
@@ -318,10 +318,11 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.scatter([i + width] * len(r["refusal_controls"]), r["refusal_controls"], s=8, color="black", zorder=3)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("refusal rate")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)

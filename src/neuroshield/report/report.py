@@ -138,6 +138,11 @@ def _flatten(d: Any, prefix: str = "", depth: int = 2, out: list[tuple[str, str]
     return out
 
 
+def _scalar_facts(d: Any, depth: int = 2) -> list[tuple[str, str]]:
+    """`_flatten` without the summaries of nested containers ("{N entries}", "[N items]")."""
+    return [(k, v) for k, v in _flatten(d, depth=depth) if not re.fullmatch(r"\{\d+ entries\}|\[\d+ items\]", v)]
+
+
 def _title_from_name(path: Path) -> str:
     words = re.sub(r"[_\-]+", " ", path.stem).strip()
     return words[:1].upper() + words[1:]
@@ -193,7 +198,7 @@ def _identify(run: Path, fig_dir: Path) -> Section:
     if err:
         sec.status, sec.note = "unreadable", err
     if isinstance(summary, dict):
-        sec.facts = _flatten(summary)[:40]
+        sec.facts = _scalar_facts(summary)[:40]
         sec.data["summary"] = summary
     # neuron-set files (NeuronSet metadata JSON: neurons, by_kind, by_layer)
     sets = []
@@ -247,7 +252,7 @@ def _validate(run: Path) -> Section:
             continue
         sec.data["validations"][where] = data
         if isinstance(data, dict):
-            facts = [(k, v) for k, v in _flatten(data, depth=1)
+            facts = [(k, v) for k, v in _scalar_facts(data, depth=1)
                      if not k.startswith(("rows", "results", "cells", "conditions", "paths"))][:24]
             if facts:
                 sec.add(Table(["field", "value"], [[k, v] for k, v in facts], f"Settings and summary of {where}/validation.json.",
@@ -287,7 +292,7 @@ def _dict_rows_table(rows: list[dict[str, Any]], caption: str, limit: int = 60, 
                    if r.get(c) is not None) for c in cols]
     if len(rows) > limit:
         caption += f" First {limit} of {len(rows)} shown."
-    return Table(cols, body, caption, numeric, title=title or "Results")
+    return Table([c.replace("_", " ") for c in cols], body, caption, numeric, title=title or "Results")
 
 
 TRAIN_KEYS = (
@@ -323,7 +328,7 @@ def _train(run: Path) -> Section:
             for _, pats in TRAIN_KEYS:
                 hit = _find_key(summary, pats)
                 row.append(_fmt(hit[1]) if hit else "—")
-            facts = _flatten(summary)[:30]
+            facts = _scalar_facts(summary)[:30]
             if facts:
                 details.append(Table(["field", "value"], [[k, v] for k, v in facts],
                                      f"All scalar fields of train/{d.name}/{pick.name}.", [False, False],
@@ -691,7 +696,7 @@ def _provenance(run: Path, sections: dict[str, Section], evals: list[Any]) -> Se
     for name in ("run.json", "config.json", "summary.json", "pipeline.json"):
         d, _ = _read_json(run / name) if (run / name).is_file() else (None, None)
         if isinstance(d, dict):
-            sec.facts += [(f"{name}: {k}", v) for k, v in _flatten(d)[:20]]
+            sec.facts += [(f"{name}: {k}", v) for k, v in _scalar_facts(d)[:20]]
     if model:
         labels = {"model_id": "model", "spec": "spec", "config_hash": "config hash", "gguf_sha256": "GGUF sha256",
                   "dtype": "dtype", "device": "device", "source": "weights from"}
