@@ -14,7 +14,7 @@ identical answers is reported, not asserted).
 path and also returns the token ids, which the benchmark uses to count tokens.
 
 Default: the default model (float32), 8 prompts, batch 8, 32 new tokens, 1 warm-up + 2 timed rounds,
-1 torch thread (~4-5 min on 2 busy cores).
+1 torch thread (20 min on the busy shared 2-core machine of RESULTS.md, load ~12).
 """
 
 from __future__ import annotations

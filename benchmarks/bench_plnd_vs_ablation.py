@@ -17,13 +17,16 @@ hook), rerun the model on the same prompts, and take the mean over counted token
 
 Rounds interleave plnd pass, rerun sample, cached sample (then reversed), and report the median of the
 per-round speed-ups. Times are process CPU times (one torch thread: the work itself, without the waits
-for a core on a shared machine; the plnd pass's wall time is recorded too). Rank agreement: Spearman's rho (and the max relative difference) between the plnd
-score and the measured ablation effect on the sampled neurons (the rerun sample of every round plus
+for a core on a shared machine; the plnd pass's wall time is recorded too).
+
+Rank agreement: Spearman's rho (and the max relative difference) between the plnd score and the
+measured ablation effect on the sampled neurons (the rerun sample of every round plus
 `--rank-sample` extra neurons done with the cached variant). For FFN neurons the plnd formula is exact,
 so agreement should be ~1 up to float32 rounding.
 
 Default: the default model (float32), 8 prompts (one batch), 6 layers x 2 neurons per rerun sample,
-2 timed rounds after a warm-up, 96 extra neurons for the rank sample, 1 torch thread (~4-5 min busy).
+2 timed rounds after a warm-up, 96 extra neurons for the rank sample, 1 torch thread (14 min on the busy shared
+2-core machine of RESULTS.md, load ~10).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ absolute peak and the size of the sums it keeps (`ActivationStats.state_numel`).
 Model: SmolLM2-135M-Instruct (`load_model("smollm2")`, float32) with short prompts (first word of the
 bundled parallel benign texts, <= 12 characters; ~37 tokens each with SmolLM2's chat template and its
 system prompt). `--layers K` keeps only the first K decoder layers (default 2) so that 5,000 prompts
-fit in a few minutes on a busy 2-core machine: the collection code path is the same (hooks on every
+fit in minutes (13 min in all on the busy machine of RESULTS.md): the collection code path is the same (hooks on every
 FFN site of the kept layers, early stop after the last one); what could grow with the number of
 prompts (per-prompt encodings, anything kept per batch) does not depend on how many layers run.
 `--layers 0` runs the whole model (~15x slower).

@@ -15,7 +15,7 @@ A/B - 1. Tokens/s counts real (non-padding) tokens. Target: overhead <= 10 % on 
 self CPU time) to the JSON and RESULTS.md, to find where any overhead goes.
 
 Default: the default model (Qwen2.5-Coder-0.5B, float32), 16 prompts, batch 8, 1 warm-up + 4 timed rounds,
-1 torch thread (~5 min on 2 busy cores).
+1 torch thread (10 min with --profile on the busy shared 2-core machine of RESULTS.md).
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"- Command: `{r['command']}`",
         C.machine_md(r["machine"], loads, r["date"]),
         f"- Model: {r['model']} ({r['dtype']}, {r['layers']} layers, FFN width {r['ffn_width']}); "
-        f"{r['prompts']} prompts (bundled parallel benign set, 2 groups per language), batch {r['batch_size']}, "
+        f"{r['prompts']} prompts (bundled parallel benign set, grouped by language and label as in the pipeline), "
+        f"batch {r['batch_size']}, "
         f"{r['real_tokens']} real tokens ({r['padded_tokens']} with padding) per pass; all FFN sites, positions=prompt",
         f"- {len(r['rounds'])} interleaved rounds (A, B, C / C, B, A ...) after warm-up; tokens/s and ratios are "
         "medians over rounds; wall = elapsed time, CPU = this process's CPU time (one torch thread: the work "
@@ -214,7 +215,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", r["analysis"]]
     if r.get("profile"):
         p = r["profile"]
-        lines += ["", f"Profile (torch.profiler, self CPU time, one pass each): collect "
+        lines += ["", "Profile (torch.profiler self time per op, one pass each; per-op times are wall clock, so under "
+                  f"load read the split, not the totals): collect "
                   f"{p['collect']['total_self_cpu_s']:.2f} s, plain_trunc {p['plain_trunc']['total_self_cpu_s']:.2f} s. "
                   "Top ops of the collection pass:", "",
                   "| op | self CPU s | calls |", "|---|---:|---:|"]

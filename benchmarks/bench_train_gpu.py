@@ -166,6 +166,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--md-only", action="store_true", help="rebuild the RESULTS.md section from the last JSON")
     ap.add_argument("--tiny", action="store_true", help="tiny Llama config (smoke test; CPU without a GPU)")
     ap.add_argument("--cpu", action="store_true", help="force CPU")
     ap.add_argument("--methods", default="neuron,lora,full")
@@ -186,6 +187,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.seq is None:
         args.seq = 32 if args.tiny else 512
     C.quiet()
+    if args.md_only:
+        real_json = C.RESULTS_DIR / "train_gpu.json"
+        res = json.loads((real_json if real_json.exists() else C.RESULTS_DIR / "train_gpu_tiny.json").read_text())
+        real = res["gpu"] and not res["tiny"]
+        C.update_results_md("train_gpu", markdown(res) if real else markdown_not_measured(res))
+        return res
     if args.child:
         print(MARK + json.dumps(child(args)), flush=True)
         return None

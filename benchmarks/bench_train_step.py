@@ -209,7 +209,10 @@ class Worker:
                "--neurons-per-layer", str(args.neurons_per_layer), "--lora-r", str(args.lora_r),
                "--threads", str(args.threads), "--seed", str(args.seed)]
         self.method = method
-        self.stderr = open(C.RESULTS_DIR / f".train_step_{method}.stderr", "w")
+        import tempfile
+
+        # the worker's stderr (tracebacks, warnings) goes to a temporary file, shown if the worker dies
+        self.stderr = tempfile.NamedTemporaryFile("w", prefix=f"train_step_{method}_", suffix=".stderr", delete=False)
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                   bufsize=1)
 
@@ -237,6 +240,7 @@ class Worker:
         except (OSError, subprocess.TimeoutExpired):
             self.p.kill()
         self.stderr.close()
+        Path(self.stderr.name).unlink(missing_ok=True)
 
 
 def run_pair(methods: tuple[str, ...], args: argparse.Namespace) -> dict[str, Any]:
