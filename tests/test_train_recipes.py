@@ -126,6 +126,10 @@ def test_self_answers_are_cached_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "generate", boom)
     again = self_answer_examples(loaded, recs, cache, max_new_tokens=3, batch_size=2, progress=False)
     assert [e.response for e in again] == [e.response for e in got]
+    # prompts too long for training are not generated at all
+    long = [PromptRecord("b/long", "word " * 300, "en", "benign")]
+    assert self_answer_examples(loaded, recs + long, cache, max_new_tokens=3, max_prompt_tokens=100,
+                                progress=False) == again
     # a different model config must not reuse them; a cut line is ignored
     with open(cache, "a") as f:
         f.write('{"key": "x", "id": "b/9"')

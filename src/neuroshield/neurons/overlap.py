@@ -216,12 +216,12 @@ def plot_overlap(result: OverlapResult, path: str | Path, title: str = "") -> Pa
                     ax.text(j, i, "—", ha="center", va="center", fontsize=font, color="0.4")
                     continue
                 v, c = mat[i, j], chance[i, j]
-                txt = f"{v:.2f}\n({c:.2f})" if math.isfinite(v) else "n/a"
+                txt = f"{v:.2f}\n({_chance_fmt(c)})" if math.isfinite(v) else "n/a"
                 bright = math.isfinite(v) and v > 0.6 * vmax
                 ax.text(j, i, txt, ha="center", va="center", fontsize=font, color="black" if bright else "white")
         ax.set_xticks(range(k), labels if k <= 14 else list(result.names), fontsize=font, rotation=0 if k <= 14 else 90)
         ax.set_yticks(range(k), labels, fontsize=font)
-        ax.set_title(f"{label}\ncell: observed (chance)", fontsize=9)
+        ax.set_title(f"{label}\ncell: observed (chance: same counts per layer, drawn at random)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -229,9 +229,16 @@ def plot_overlap(result: OverlapResult, path: str | Path, title: str = "") -> Pa
     return _save_fig(fig, Path(path), plt)
 
 
+def _chance_fmt(c: float) -> str:
+    if not math.isfinite(c):
+        return "n/a"
+    return f"{c:.2f}" if c >= 0.095 else f"{c:.3f}" if c >= 0.001 else f"{c:.0e}"
+
+
 def plot_layers(result: OverlapResult, path: str | Path, title: str = "") -> Path:
     """Where the neurons sit: share of each set's neurons per layer (heatmap, counts in the cells)
-    and the mean share over sets (line)."""
+    and the share of all sets' neurons pooled (bars). The colour scale stops at the 98th percentile
+    of the shares, so one tiny set cannot wash the others out."""
     plt = _pyplot()
     names = result.names
     counts = np.array([result.layer_counts[n] for n in names], dtype=float)
@@ -245,17 +252,20 @@ def plot_layers(result: OverlapResult, path: str | Path, title: str = "") -> Pat
         2, 1, figsize=(max(6.0, 0.38 * n_layers + 2.5), 2.4 + 0.34 * len(names) + 0.6),
         gridspec_kw={"height_ratios": [1.0, max(1.0, 0.22 * len(names))]}, sharex=True)
     x = np.arange(n_layers)
-    ax_line.bar(x, share.mean(0) if len(names) else np.zeros(n_layers), color="tab:blue", alpha=0.8)
-    ax_line.set_ylabel("mean share", fontsize=8)
+    pooled = counts.sum(0) / counts.sum() if counts.sum() > 0 else np.zeros(n_layers)
+    ax_line.bar(x, pooled, color="tab:blue", alpha=0.8)
+    ax_line.set_ylabel("share, all sets", fontsize=8)
     ax_line.set_title(title or "neurons per layer", fontsize=10)
     ax_line.tick_params(labelsize=7)
-    im = ax_map.imshow(share, aspect="auto", cmap="magma_r", vmin=0.0)
+    positive = share[share > 0]
+    vmax = float(np.percentile(positive, 98)) if positive.size else 1.0
+    im = ax_map.imshow(share, aspect="auto", cmap="magma_r", vmin=0.0, vmax=max(vmax, 1e-9))
     if n_layers * len(names) <= 1200:
         for i in range(len(names)):
             for j in range(n_layers):
                 if counts[i, j] > 0:
                     ax_map.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=5.5,
-                                color="white" if share[i, j] > 0.6 * share.max() else "black")
+                                color="white" if share[i, j] > 0.6 * vmax else "black")
     ax_map.set_yticks(range(len(names)), [f"{n} ({int(t)})" for n, t in zip(names, totals[:, 0])], fontsize=7)
     ax_map.set_xticks(x, [str(i) for i in x], fontsize=7)
     ax_map.set_xlabel("layer (cell: neurons; colour: share of the set)", fontsize=8)

@@ -24,7 +24,11 @@ by the rotation-free bound ρx_j = sqrt(x_j² + x_pair(j)²) (RoPE rotates dims 
 which costs one matmul. Attention probabilities need the eager attention implementation, switched on
 for the pass and restored after.
 
-Memory is O(sites × units × groups): nothing is kept per prompt or per token. The forward pass stops
+Within a batch each row's sums over its (at most T) counted tokens are formed in float32 (float64 for
+a float64 model), then added into the float64 per-group sums with one [G, B] product per site.
+
+Memory is O(sites × units × groups): nothing is kept per prompt or per token (prompts are encoded
+again batch by batch; only their lengths are kept for sorting). The forward pass stops
 after the last decoder layer that holds a site (no final norm, no logits), by an exception raised from
 a hook on that layer and caught here; every hook is removed in `finally`.
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -351,7 +356,8 @@ class ActivationCollector:
         self.geometry = loaded.adapter.geometry(loaded.model.config)
         self.layers = loaded.adapter.layers(loaded.model)
         self._mask: torch.Tensor | None = None
-        self._onehot = torch.zeros((n_groups, 0), dtype=torch.float64, device=self.device)
+        self._row_onehot = torch.zeros((n_groups, 0), dtype=torch.float64, device=self.device)
+        self._masks_on: dict[torch.device, torch.Tensor] = {}
         self._seen: set[str] = set()
         self._buf: dict[tuple[int, str], torch.Tensor] = {}
         by_layer: dict[int, set[str]] = {}
@@ -372,27 +378,43 @@ class ActivationCollector:
     # --- per batch -------------------------------------------------------------------------------
     def set_batch(self, mask: torch.Tensor, group_ids: torch.Tensor) -> None:
         """`mask` [B, T] bool of counted tokens; `group_ids` [B] long group index of each row."""
-        self._mask = mask
-        gid = group_ids[:, None].expand_as(mask)[mask].to(self.device)
-        # [G, N] one-hot: a matmul with it sums counted tokens per group (much faster than index_add_ on CPU)
-        self._onehot = torch.nn.functional.one_hot(gid, self.n_groups).T.to(torch.float64)
-        self.tensors["count"] += self._onehot.sum(1)
+        self._mask = mask.bool()
+        # [G, B] one-hot of the rows' groups: per-row sums times it give per-group sums (one small GEMM)
+        self._row_onehot = torch.nn.functional.one_hot(group_ids.to(self.device), self.n_groups).T.to(torch.float64)
+        self.tensors["count"] += self._row_onehot @ self._mask.sum(1).to(device=self.device, dtype=torch.float64)
         self._seen = set()
         self._buf = {}
+        self._masks_on = {}
 
-    def _masked(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [N, ...] counted tokens, float64, on the accumulator device."""
+    def _mask_on(self, device: torch.device) -> torch.Tensor:
         assert self._mask is not None, "call set_batch() before the forward pass"
-        return x[self._mask.to(x.device)].to(device=self.device, dtype=torch.float64)
+        if device not in self._masks_on:
+            self._masks_on[device] = self._mask.to(device)[..., None]  # [B, T, 1]
+        return self._masks_on[device]
 
-    def _add(self, key: str, values: torch.Tensor) -> None:
-        self.tensors[key] += self._onehot @ values
+    @staticmethod
+    def _work_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def _row_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, W] -> [B, W] sums over the counted tokens of each row (others, padding included, are
+        zeroed first, so not even a NaN at a padded position can leak in)."""
+        x = x.detach()
+        x = x.to(self._work_dtype(x)).masked_fill(~self._mask_on(x.device), 0)
+        return x.sum(1)
+
+    def _add_rows(self, key: str, per_row: torch.Tensor) -> None:
+        """Add [B, W] per-row sums to the float64 per-group running sums of `key`."""
+        self.tensors[key] += self._row_onehot @ per_row.to(device=self.device, dtype=torch.float64)
 
     def _on_site(self, site: Site, units: torch.Tensor) -> None:
-        a = self._masked(units.detach())  # [N, W]
-        feats = torch.stack([a, a.abs(), a * a, (a > 0).to(torch.float64)], dim=1)  # order of SUMS
-        block = self._block[site.key]
-        block += (self._onehot @ feats.view(a.shape[0], -1)).view(block.shape)
+        # per row: Σ a, Σ|a|, Σa², #(a>0) over counted tokens, in float32 (float64 for float64 models;
+        # a row holds at most T tokens), then per group in float64; no [tokens, 4, W] copies
+        x = units.detach()
+        x = x.to(self._work_dtype(x)).masked_fill(~self._mask_on(x.device), 0)  # [B, T, W]
+        feats = torch.stack([x.sum(1), x.abs().sum(1), (x * x).sum(1), (x > 0).sum(1, dtype=x.dtype)], dim=1)
+        block = self._block[site.key]  # [G, 4, W], order of SUMS
+        block += (self._row_onehot @ feats.reshape(feats.shape[0], -1).to(block)).view(block.shape)
         self._seen.add(site.key)
         return None
 
@@ -434,17 +456,18 @@ class ActivationCollector:
                 iq, ik = self._qk_pair(q, k, p, kinds)
             b, h, t, d = q.shape
             if iq is not None:
-                self._add(f"{layer}.attn_q/impact", self._masked(scaling * iq.transpose(1, 2).reshape(b, t, h * d)))
+                self._add_rows(f"{layer}.attn_q/impact",
+                               scaling * self._row_sums(iq.transpose(1, 2).reshape(b, t, h * d)))
             if ik is not None:
                 ik = ik.view(b, g.num_kv_heads, g.group_size, t, d).sum(2)  # the heads that read kv head g
-                self._add(f"{layer}.attn_k/impact",
-                          self._masked(scaling * ik.transpose(1, 2).reshape(b, t, g.num_kv_heads * d)))
+                self._add_rows(f"{layer}.attn_k/impact",
+                               scaling * self._row_sums(ik.transpose(1, 2).reshape(b, t, g.num_kv_heads * d)))
         if "attn_v" in kinds:
-            a = self._masked(self._buf.pop((layer, "o_in")))  # [N, H*D]
+            a = self._buf.pop((layer, "o_in")).detach()  # [B, T, H*D]
             idx, gram = self._v_gram(layer)
-            sel = a[:, idx.to(a.device)]  # [N, W_kv, rep]
-            quad = torch.einsum("nkr,krs,nks->nk", sel, gram, sel).clamp(min=0)
-            self._add(f"{layer}.attn_v/impact", quad.sqrt())
+            sel = a.to(torch.float64)[..., idx.to(a.device)]  # [B, T, W_kv, rep]
+            quad = torch.einsum("btkr,krs,btks->btk", sel, gram.to(sel.device), sel).clamp(min=0)
+            self._add_rows(f"{layer}.attn_v/impact", self._row_sums(quad.sqrt()))
 
     def _qk_pair(self, q: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
                  kinds: set[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -546,6 +569,15 @@ class ActivationCollector:
             raise RuntimeError(f"hooks did not fire at sites {missing}: the adapter does not match this model")
 
 
+class _Length:
+    """Stands in for an EncodedPrompt in `batches_by_length`, which reads only `len(.input_ids)`."""
+
+    __slots__ = ("input_ids",)
+
+    def __init__(self, n: int) -> None:
+        self.input_ids = range(n)
+
+
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 at each row's first real token (left padding), as `generate` does."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -594,12 +626,14 @@ def collect_statistics(
     gindex = {g: i for i, g in enumerate(groups)}
     rec_gid = [gindex[group_name(*r.group)] for r in records]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoded = [encode_chat(tok, r.text, max_length=max_length) for r in records]
+    # Sorting by length needs only the lengths: prompts are encoded again batch by batch, so no token
+    # ids are held for the whole pass (memory stays flat in the number of prompts).
+    lengths = [_Length(len(encode_chat(tok, r.text, max_length=max_length).input_ids)) for r in records]
     collector = ActivationCollector(loaded, site_list, len(groups), impact=impact, qk_impact=qk_impact)
     needs_eager = collector.impact and any(s.kind in ("attn_q", "attn_k") for s in site_list)
     config_hash = loaded.config_hash
     attn_impl = "eager" if needs_eager else getattr(model.config, "_attn_implementation", None)
-    batches = batches_by_length(encoded, batch_size)
+    batches = batches_by_length(lengths, batch_size)  # type: ignore[arg-type]  # only len(.input_ids) is read
     from tqdm.auto import tqdm
 
     device = loaded.device
@@ -611,7 +645,7 @@ def collect_statistics(
         bar = stack.enter_context(tqdm(total=len(records), desc="activation statistics", unit="prompt",
                                        disable=not progress, leave=False))
         for idx in batches:
-            chunk = [encoded[i] for i in idx]
+            chunk = [encode_chat(tok, records[i].text, max_length=max_length) for i in idx]
             batch = collate(chunk, pad_id)
             mask = batch.count_mask(chunk, positions).to(device)
             collector.set_batch(mask, torch.tensor([rec_gid[i] for i in idx], dtype=torch.long, device=device))
@@ -622,7 +656,9 @@ def collect_statistics(
                 pass
             collector.check_complete()
             bar.update(len(idx))
-    bad = [k for k, v in collector.tensors.items() if not bool(torch.isfinite(v).all())]
+    # one reduction per site block (a NaN or inf anywhere makes the block's sum non-finite)
+    checked = list(collector._block.items()) + [(k, v) for k, v in collector.tensors.items() if k.endswith("/impact")]
+    bad = [k for k, v in checked if not math.isfinite(float(v.sum()))]
     if bad:
         raise RuntimeError(
             f"non-finite activation sums at {', '.join(bad[:4])}: the model produced inf/NaN at counted tokens. "
