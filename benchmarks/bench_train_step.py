@@ -85,7 +85,7 @@ class Trainer:
         # --- the batch -------------------------------------------------------------------------------
         recs = [dataclasses.replace(r, label="harmful") for r in C.bench_records(args.batch_size)]
         ex = refusal_examples(recs)
-        enc = encode_examples(tok, ex, args.max_length)
+        enc = encode_examples(loaded, ex, args.max_length)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.batch = collate_examples(enc, pad)
         self.flat, self.target, _ = _targets(self.batch["labels"])
@@ -167,7 +167,7 @@ class Trainer:
 
         t0, c0 = time.perf_counter(), time.process_time()
         self.gather.positions = self.flat
-        logits = self.wrapper(self.batch["input_ids"], self.batch["attention_mask"])
+        logits = self.wrapper(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"])
         loss = F.cross_entropy(logits[0].float(), self.target, reduction="sum") / max(1.0, self.n_tokens)
         loss.backward()
         self.gather.positions = None

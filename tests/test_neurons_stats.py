@@ -228,9 +228,9 @@ def test_data_hash_is_order_free_and_content_bound():
     assert data_hash(changed) != data_hash(recs)
 
 
-def test_image_prompts_are_refused_clearly():
+def test_image_prompts_on_a_text_model_are_refused_clearly():
     lm = tiny_model("llama")
     rec = PromptRecord(id="i/0", text="The image shows a list", language="en", label="harmful", modality="image",
                        image="x.png")
-    with pytest.raises(NotImplementedError, match="image"):
+    with pytest.raises(ValueError, match="text model .* vision-language model"):
         collect_statistics(lm, [rec], progress=False)

@@ -1,6 +1,5 @@
 """How far a tiny VLM gets through the later stages (generation, interventions, statistics) with images.
 
-Gaps are marked `xfail` (not strict): they turn into XPASS once the stage takes image records.
 """
 
 from __future__ import annotations
@@ -102,8 +101,6 @@ def test_statistics_on_text_records_of_a_vlm(arch: str, records) -> None:
     assert set(stats.groups()) == {"en/text/harmful", "en/text/benign"}
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=False,
-                   reason="collect_statistics does not take image records yet (encode_chat/collate)")
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
 def test_statistics_on_image_records(arch: str, records) -> None:
     from neuroshield.neurons.stats import collect_statistics

@@ -225,10 +225,20 @@ def identify(
     all_sets: dict[str, dict[str, NeuronSet]] = {}
     files: dict[str, dict[str, Path]] = {}
     sets_summary: dict[str, Any] = {}
+    # image groups (a VLM with typographic prompts): MS(lang, image) against the language's benign prompts,
+    # and SS(lang, image) = MS(HR, text) ∩ MS(lang, image), the neurons an image attack shares with text
+    image_langs = [lang for lang in languages if (lang, "image", "harmful") in
+                   {(r.language, r.modality, r.label) for r in records}]
     for m in methods:
         ms = monolingual_sets(stats, loaded, m, languages=languages, rho=rho, top_k=top_k, seed=seed)
         ss = shared_sets(ms, hr, loaded) if len(languages) > 1 else {}
         named = {s.name: s for s in list(ms.values()) + list(ss.values())}
+        if image_langs:
+            ms_img = monolingual_sets(stats, loaded, m, languages=image_langs, modality="image", rho=rho,
+                                      top_k=top_k, seed=seed)
+            ss_img = shared_sets({**{h: ms[h] for h in hr}, **{f"{lang}_image": s for lang, s in ms_img.items()}},
+                                 hr, loaded)
+            named.update({s.name: s for s in list(ms_img.values()) + list(ss_img.values())})
         folder = out / m
         files[m] = {}
         for name, s in named.items():
@@ -236,7 +246,8 @@ def identify(
         all_sets[m] = named
         sets_summary[m] = {
             name: {
-                "language": s.meta.get("language", name.split("_", 1)[1]),
+                "language": s.meta.get("language", name.split("_", 2)[1]),
+                "modality": s.meta.get("modality", "text"),
                 "kind": s.meta.get("kind"),
                 "neurons": len(s),
                 "by_kind": s.count_by_kind(),

@@ -50,10 +50,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neuroshield.data.records import PromptRecord, group_name
-from neuroshield.models.chat import POSITIONS, batches_by_length, collate, encode_chat
+from neuroshield.models.chat import POSITIONS, batches_by_length
 from neuroshield.models.hooks import site_hooks
 from neuroshield.models.loading import LoadedModel
 from neuroshield.models.sites import Site, resolve_sites
+from neuroshield.models.vlm import encode_record, model_inputs
 
 STATS_FORMAT = 1
 IMPACT_KINDS = ("attn_q", "attn_k", "attn_v")
@@ -597,7 +598,7 @@ def collect_statistics(
 ) -> ActivationStats:
     """Stream `records` through the model once and return the running sums per (site, group).
 
-    Batches mix groups and are sorted by length (`batches_by_length`), left-padded (`collate`);
+    Batches mix groups and are sorted by length (`batches_by_length`), left-padded (`model_inputs`, which also adds image inputs for a VLM);
     padding never counts, and only `positions` count (`prompt`, `user`, `last`, `post`). `impact`
     (default: on when `attn_q/k/v` sites are asked for) adds the attention impact sums of the
     `plnd` score, switching attention to the eager implementation for the pass; `qk_impact` is
@@ -609,14 +610,14 @@ def collect_statistics(
     if not records:
         raise ValueError("no prompts given: statistics need at least one prompt per group")
     images = [r for r in records if r.modality != "text" or r.image]
-    if images:
-        raise NotImplementedError(
-            f"{len(images)} image prompts (first: {images[0].id} in {images[0].language}): image statistics "
-            "need a vision-language processor, which collect_statistics does not handle yet; pass text prompts"
+    if images and not loaded.adapter.multimodal:
+        raise ValueError(
+            f"{len(images)} image prompts (first: {images[0].id} in {images[0].language}) given to the text model "
+            f"{loaded.model_id!r}: use a vision-language model, or drop modality 'image' from the groups"
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model, tok = loaded.model, loaded.tokenizer
+    model = loaded.model
     site_list = resolve_sites(model, loaded.adapter, tuple(sites))
     if not site_list:
         raise ValueError(f"no sites of kinds {list(sites)} in this model")
@@ -625,10 +626,9 @@ def collect_statistics(
     groups = sorted({group_name(*r.group) for r in records})
     gindex = {g: i for i, g in enumerate(groups)}
     rec_gid = [gindex[group_name(*r.group)] for r in records]
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # Sorting by length needs only the lengths: prompts are encoded again batch by batch, so no token
-    # ids are held for the whole pass (memory stays flat in the number of prompts).
-    lengths = [_Length(len(encode_chat(tok, r.text, max_length=max_length).input_ids)) for r in records]
+    # ids (or pixels) are held for the whole pass (memory stays flat in the number of prompts).
+    lengths = [_Length(len(encode_record(loaded, r, max_length=max_length).input_ids)) for r in records]
     collector = ActivationCollector(loaded, site_list, len(groups), impact=impact, qk_impact=qk_impact)
     needs_eager = collector.impact and any(s.kind in ("attn_q", "attn_k") for s in site_list)
     config_hash = loaded.config_hash
@@ -645,13 +645,19 @@ def collect_statistics(
         bar = stack.enter_context(tqdm(total=len(records), desc="activation statistics", unit="prompt",
                                        disable=not progress, leave=False))
         for idx in batches:
-            chunk = [encode_chat(tok, records[i].text, max_length=max_length) for i in idx]
-            batch = collate(chunk, pad_id)
+            chunk = [encode_record(loaded, records[i], max_length=max_length) for i in idx]
+            batch, inputs = model_inputs(loaded, chunk, device=device)
             mask = batch.count_mask(chunk, positions).to(device)
+            if not bool(mask.any()):  # e.g. positions="image" on a batch of text rows: nothing to count
+                bar.update(len(idx))
+                continue
             collector.set_batch(mask, torch.tensor([rec_gid[i] for i in idx], dtype=torch.long, device=device))
+            if not loaded.adapter.multimodal:
+                # positions restart at each row's first real token, as in `generate`; VLMs compute their own
+                # (Qwen2-VL's are 3-D rotary positions built from the image grid)
+                inputs["position_ids"] = position_ids_for(batch.attention_mask).to(device)
             try:
-                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                      position_ids=position_ids_for(batch.attention_mask).to(device), use_cache=False)
+                model(**inputs, use_cache=False)
             except _StopForward:
                 pass
             collector.check_complete()

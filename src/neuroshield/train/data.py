@@ -9,6 +9,9 @@
 * Tokenized with `encode_chat(tokenizer, prompt, response=...)`; labels are -100 everywhere except on
   response tokens (the loss is on the response only). Batches are right-padded (attention mask 0 on the
   padding; right padding keeps the position ids of real tokens 0..n-1 without passing position ids).
+* On a vision-language model every example goes through the processor (`vlm.encode_prompt`, image or
+  not) and batches through `vlm.model_inputs` (left padding, the image tensors beside the ids), so a
+  mixed batch of image and text examples trains in one step (`training_batch`).
 * `ExampleStream` is the deterministic training order: a pure function of (seed, step), so resuming
   from a checkpoint sees exactly the batches an uninterrupted run would.
 """
@@ -21,14 +24,15 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from neuroshield.data.records import PromptRecord
-from neuroshield.models.chat import encode_chat
+from neuroshield.models.chat import EncodedPrompt, encode_chat
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ class TrainExample:
     prompt: str
     response: str
     response_source: str
+    image: str | None = None  # path of the image the prompt refers to (modality "image")
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.image else "text"
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class EncodedExample:
     id: str
     language: str
     label: str
+    # a VLM's full encoding (ids, image mask, token types, image source), batched by `vlm.model_inputs`
+    multimodal: EncodedPrompt | None = field(default=None, compare=False, repr=False)
 
     @property
     def response_tokens(self) -> int:
@@ -76,16 +87,16 @@ def refusal_examples(
     out = []
     for r in records:
         if use_references and r.reference:
-            out.append(TrainExample(r.id, r.language, "harmful", r.text, r.reference, "reference"))
+            out.append(TrainExample(r.id, r.language, "harmful", r.text, r.reference, "reference", r.image))
         else:
             out.append(TrainExample(r.id, r.language, "harmful", r.text, refusal_fn(r.id, r.language),
-                                    "refusal-template"))
+                                    "refusal-template", r.image))
     return out
 
 
 def reference_examples(records: Sequence[PromptRecord]) -> list[TrainExample]:
     """Benign prompts paired with their reference outputs (records without one are skipped)."""
-    out = [TrainExample(r.id, r.language, "benign", r.text, r.reference, "reference")
+    out = [TrainExample(r.id, r.language, "benign", r.text, r.reference, "reference", r.image)
            for r in records if r.reference]
     if len(out) < len(records):
         log.warning("%d benign records have no reference output and were skipped", len(records) - len(out))
@@ -162,7 +173,7 @@ def self_answer_examples(
         if not text:
             empty += 1
             continue
-        out.append(TrainExample(r.id, r.language, "benign", r.text, text, "self"))
+        out.append(TrainExample(r.id, r.language, "benign", r.text, text, "self", r.image))
     if empty:
         log.warning("%d benign prompts got an empty answer from the base model and were skipped", empty)
     return out
@@ -198,9 +209,54 @@ def encode_example(tokenizer: Any, ex: TrainExample, max_length: int, system: st
     return EncodedExample(tuple(ids), tuple(labels), p, ex.id, ex.language, ex.label)
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[TrainExample], max_length: int,
+def encode_multimodal_example(loaded: Any, ex: TrainExample, max_length: int, system: str | None = None,
+                              min_response_tokens: int = 16) -> EncodedExample:
+    """As `encode_example`, through a VLM's processor. `max_length` counts text tokens (image tokens come on
+    top and are never cut): the response is cut first, then the start of the user's text."""
+    from neuroshield.models.vlm import encode_prompt
+
+    full = encode_prompt(loaded, ex.prompt, ex.image, ex.response, system=system)
+    p = full.prompt_len
+    prompt_text = p - sum(full.image_mask or ())
+    resp = len(full.input_ids) - p
+    resp_keep = resp if prompt_text + resp <= max_length else min(resp, max(min_response_tokens, max_length - prompt_text))
+    if prompt_text + resp_keep > max_length:
+        # still too long: the processor cuts the start of the user's text (its max_length counts the whole
+        # text, response included, so allow for the response tokens cut off below)
+        full = encode_prompt(loaded, ex.prompt, ex.image, ex.response, system=system,
+                             max_length=max_length + (resp - resp_keep))
+        p = full.prompt_len
+    keep = p + resp_keep
+    enc = _cut_multimodal(full, keep)
+    labels = [IGNORE_INDEX] * p + list(enc.input_ids[p:])
+    if len(labels) == p:
+        raise ValueError(f"example {ex.id!r}: empty response")
+    return EncodedExample(enc.input_ids, tuple(labels), p, ex.id, ex.language, ex.label, multimodal=enc)
+
+
+def _cut_multimodal(enc: EncodedPrompt, keep: int) -> EncodedPrompt:
+    """The first `keep` tokens of a (multimodal) encoding; every token-aligned field is cut alike."""
+    if keep >= len(enc.input_ids):
+        return enc
+    changes: dict[str, Any] = {"input_ids": enc.input_ids[:keep]}
+    if enc.image_mask is not None:
+        changes["image_mask"] = enc.image_mask[:keep]
+    if hasattr(enc, "token_types"):
+        changes["token_types"] = tuple((k, v[:keep]) for k, v in enc.token_types)  # type: ignore[attr-defined]
+    return dataclasses.replace(enc, **changes)
+
+
+def encode_examples(loaded: Any, examples: Sequence[TrainExample], max_length: int,
                     system: str | None = None) -> list[EncodedExample]:
-    return [encode_example(tokenizer, ex, max_length, system) for ex in examples]
+    """Encode every example for `loaded` (a text model: `encode_example`; a VLM: `encode_multimodal_example`)."""
+    if getattr(loaded.adapter, "multimodal", False):
+        return [encode_multimodal_example(loaded, ex, max_length, system) for ex in examples]
+    images = [ex for ex in examples if ex.image]
+    if images:
+        raise ValueError(f"{len(images)} training examples with images (first: {images[0].id} in "
+                         f"{images[0].language}) for the text model {loaded.model_id!r}: use a vision-language "
+                         "model, or leave image records out of the training data")
+    return [encode_example(loaded.tokenizer, ex, max_length, system) for ex in examples]
 
 
 def collate_examples(encoded: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -215,6 +271,26 @@ def collate_examples(encoded: Sequence[EncodedExample], pad_token_id: int) -> di
         att[row, :n] = 1
         lab[row, :n] = torch.tensor(e.labels)
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+def training_batch(loaded: Any, encoded: Sequence[EncodedExample], device: torch.device | str | None = None
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model keyword arguments on `device`, labels [B, T] on the CPU) for one micro-batch.
+
+    Text models: right-padded `collate_examples`. VLMs: `vlm.model_inputs` (left padding, image tensors) and
+    labels on the response tokens of each row."""
+    if encoded and encoded[0].multimodal is not None:
+        from neuroshield.models.vlm import model_inputs, response_labels
+
+        prompts = [e.multimodal for e in encoded]
+        if any(p is None for p in prompts):
+            raise ValueError("a batch mixes multimodal and text-only encodings; encode all with `encode_examples`")
+        batch, inputs = model_inputs(loaded, prompts, device=device)  # type: ignore[arg-type]
+        return inputs, response_labels(batch, prompts)  # type: ignore[arg-type]
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    batch = collate_examples(encoded, pad_id)
+    labels = batch.pop("labels")
+    return {k: v.to(device) if device is not None else v for k, v in batch.items()}, labels
 
 
 class ExampleStream:
@@ -261,14 +337,16 @@ class ExampleStream:
 def data_fingerprint(harmful: Sequence[EncodedExample], benign: Sequence[EncodedExample]) -> str:
     h = hashlib.sha256()
     for e in list(harmful) + list(benign):
-        h.update(json.dumps([e.id, e.language, e.label, list(e.input_ids), e.prompt_len]).encode())
+        images = list(getattr(e.multimodal, "images", ()) or ()) if e.multimodal is not None else []
+        h.update(json.dumps([e.id, e.language, e.label, list(e.input_ids), e.prompt_len,
+                             [str(i) for i in images]]).encode())
     return h.hexdigest()[:16]
 
 
 def example_summary(examples: Sequence[TrainExample]) -> dict[str, Any]:
     by: dict[str, int] = {}
     for ex in examples:
-        k = f"{ex.language}/{ex.label}/{ex.response_source}"
+        k = f"{ex.language}/{ex.modality}/{ex.label}/{ex.response_source}"
         by[k] = by.get(k, 0) + 1
     return {"examples": len(examples), "by_language_label_source": dict(sorted(by.items()))}
 
@@ -286,6 +364,7 @@ def write_examples(path: str | Path, examples: Sequence[TrainExample]) -> None:
 
 __all__ = [
     "IGNORE_INDEX", "TrainExample", "EncodedExample", "refusal_examples", "reference_examples",
-    "self_answer_examples", "answer_cache_key", "encode_example", "encode_examples", "collate_examples",
+    "self_answer_examples", "answer_cache_key", "encode_example", "encode_multimodal_example", "encode_examples",
+    "collate_examples", "training_batch",
     "ExampleStream", "data_fingerprint", "example_summary", "write_examples",
 ]

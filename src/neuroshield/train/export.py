@@ -83,11 +83,13 @@ def probe_logits(model: nn.Module, tokenizer: Any, text: str = "Hello! How do I 
 
 def verify_reload(folder: str | Path, model: nn.Module, tokenizer: Any, atol: float = 0.0) -> float:
     """Reload `folder` with plain transformers; logits must equal `model`'s (max |diff| <= atol)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     ref = probe_logits(model, tokenizer)
     dtype = next(model.parameters()).dtype
-    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    # a VLM reloads as what it is (AutoModelForCausalLM would drop the vision tower or refuse the config)
+    auto = AutoModelForImageTextToText if hasattr(model.config, "vision_config") else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     reloaded.eval()
     got = probe_logits(reloaded, tokenizer)
     del reloaded
@@ -96,6 +98,25 @@ def verify_reload(folder: str | Path, model: nn.Module, tokenizer: Any, atol: fl
         raise ExportError(f"{folder}: reloaded with plain transformers, the logits differ by {diff:g} "
                           f"(allowed {atol:g}); the export is not the trained model")
     return diff
+
+
+def _name_key(name: str) -> tuple[str, ...]:
+    return tuple(part for part in name.split(".") if part not in ("model", "language_model"))
+
+
+def _memory_names(saved: dict[str, str], memory: dict[str, str]) -> dict[str, str]:
+    """Saved tensor names -> the model's parameter names. transformers writes some architectures under their
+    checkpoint layout (LLaVA: `language_model.model.layers...` on disk, `model.language_model.layers...` in
+    memory); matching ignores the `model` / `language_model` path parts, and only when unambiguous."""
+    by_key: dict[tuple[str, ...], list[str]] = {}
+    for name in memory:
+        by_key.setdefault(_name_key(name), []).append(name)
+    out = {}
+    for name, digest in saved.items():
+        if name not in memory and len(by_key.get(_name_key(name), [])) == 1:
+            name = by_key[_name_key(name)][0]
+        out[name] = digest
+    return out
 
 
 def save_merged(
@@ -116,13 +137,18 @@ def save_merged(
         shutil.rmtree(tmp)
     model = loaded.model
     model.save_pretrained(str(tmp), safe_serialization=True)
-    if getattr(loaded, "tokenizer", None) is not None:
+    if getattr(loaded, "processor", None) is not None:  # a VLM: the processor (its tokenizer included)
+        from neuroshield.models.vlm import save_processor
+
+        save_processor(loaded.processor, tmp)
+    elif getattr(loaded, "tokenizer", None) is not None:
         loaded.tokenizer.save_pretrained(str(tmp))
     if meta:
         (tmp / "neuroshield-train.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False, default=str))
     saved = saved_digests(tmp)
     result = ExportResult(folder=str(out), tensors_saved=len(saved))
     if base_digests is not None:
+        saved = _memory_names(saved, base_digests)
         changed = sorted(n for n, d in saved.items() if n in base_digests and base_digests[n] != d)
         unknown = sorted(n for n in saved if n not in base_digests)
         if unknown:

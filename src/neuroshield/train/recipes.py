@@ -53,13 +53,13 @@ from neuroshield.train.data import (
     EncodedExample,
     ExampleStream,
     TrainExample,
-    collate_examples,
     data_fingerprint,
     encode_examples,
     example_summary,
     reference_examples,
     refusal_examples,
     self_answer_examples,
+    training_batch,
     write_examples,
 )
 from neuroshield.train.sparse import SparseDeltas, freeze, slices_from_neuron_set
@@ -289,8 +289,9 @@ class _Forward(nn.Module):
         self.net = net
         self.deltas = deltas
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        # input_ids and attention_mask; a VLM's image tensors besides (see `training_batch`)
+        return self.net(**inputs, use_cache=False).logits
 
 
 class _GatherBeforeHead:
@@ -557,8 +558,8 @@ def train(
                                       use_references=use_references, max_prompt_tokens=max(1, max_length - 16))
     if acc.is_main_process:
         write_examples(out / "examples.jsonl", h_ex + b_ex)
-    h_enc = encode_examples(loaded.tokenizer, h_ex, max_length)
-    b_enc = encode_examples(loaded.tokenizer, b_ex, max_length)
+    h_enc = encode_examples(loaded, h_ex, max_length)
+    b_enc = encode_examples(loaded, b_ex, max_length)
     stream = ExampleStream(h_enc, b_enc, benign_fraction, seed)
     data_info = {**example_summary(h_ex + b_ex), "fingerprint": data_fingerprint(h_enc, b_enc),
                  "benign_fraction": stream.fraction}
@@ -640,7 +641,6 @@ def train(
     rss_before = current_rss_mb()
     gather = _GatherBeforeHead(lm_head)
     device = acc.device
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     rank = acc.process_index
     global_batch = batch_size * grad_accum * world
     interrupted = False
@@ -671,12 +671,12 @@ def train(
             sums = {"harmful": 0.0, "benign": 0.0}
             counts = {"harmful": 0, "benign": 0}
             for a, mb in enumerate(micro):
-                batch = collate_examples(mb, pad_id)
-                flat, target, rows = _targets(batch["labels"])
+                inputs, labels = training_batch(loaded, mb, device)
+                flat, target, rows = _targets(labels)
                 gather.positions = flat.to(device)
                 sync = acc.no_sync(wrapper) if a < grad_accum - 1 else _nullcontext()
                 with sync:
-                    logits = wrapper(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                    logits = wrapper(**inputs)
                     tok_loss = F.cross_entropy(logits[0].float(), target.to(device), reduction="none")
                     acc.backward(tok_loss.sum() / max(1, n_tokens))
                 tl = tok_loss.detach().cpu()
