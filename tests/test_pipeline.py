@@ -79,3 +79,46 @@ def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     for name in ("quick.yaml", "full.yaml"):
         assert load_config(root / name).languages
+
+
+@pytest.mark.slow
+def test_pipeline_with_image_modality_on_a_tiny_vlm(tmp_path: Path) -> None:
+    """modalities: [text, image] renders the harmful prompts FigStep-style and carries image groups through
+    identify (image sets), validate (image experiments), train (image examples) and evaluate (ASR per modality)."""
+    from neuroshield.models.tiny_vlm import save_tiny_vlm, tiny_vlm
+
+    folder = tmp_path / "tiny-llava"
+    save_tiny_vlm(tiny_vlm("llava"), folder)
+    path = tmp_path / "vlm.yaml"
+    path.write_text(f"""
+name: tiny-vlm
+model: {folder}
+out_dir: {tmp_path / 'runs'}
+languages: [en, de]
+modalities: [text, image]
+identify: {{per_language: 3, methods: [plnd], rho: 0.1, batch_size: 4}}
+validate: {{per_language: 2, controls: 1, max_new_tokens: 3, benign_guard: 2, batch_size: 4}}
+train: {{recipes: [precise-shield], per_language: 3, benign_count: 2, steps: 2, batch_size: 2, max_length: 96,
+        budget: 0.05}}
+evaluate: {{harmful_per_language: 2, benign_per_language: 1, max_new_tokens: 3, batch_size: 4}}
+""")
+    config = load_config(path)
+    report = Pipeline(config).run()
+    run = config.run_dir
+    assert (run / "identify" / "plnd" / "ss_de_image.safetensors").is_file()
+    assert (run / "validate" / "suppress-ms-en_image" / "validation.json").is_file()
+    examples = (run / "train" / "precise-shield" / "examples.jsonl").read_text()
+    assert '"image": "' in examples
+    rows = json.loads((run / "evaluate" / "precise-shield" / "eval.json").read_text())
+    assert "image" in json.dumps(rows)
+    assert report.is_file()
+
+
+def test_image_modality_on_a_text_model_is_refused(tmp_path: Path, tiny_folder: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: x\nmodel: {tiny_folder}\nout_dir: {tmp_path}\nmodalities: [text, image]\n")
+    with pytest.raises(ValueError, match="text model"):
+        Pipeline(load_config(path)).run()
+    path.write_text("modalities: [audio]\n")
+    with pytest.raises(ConfigError, match="modalities"):
+        load_config(path)

@@ -77,6 +77,8 @@ class PipelineConfig:
     seed: int = 0
     languages: list[str] = field(default_factory=lambda: ["en", "zh", "ar", "ru", "es", "fr", "de", "ja", "bn", "hi"])
     high_resource: list[str] = field(default_factory=lambda: ["en"])
+    # "image" adds FigStep-style typographic versions of the harmful prompts (needs a vision-language model)
+    modalities: list[str] = field(default_factory=lambda: ["text"])
     held_out_fraction: float = 0.5
     identify: IdentifyConfig = field(default_factory=IdentifyConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
@@ -134,4 +136,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     config = _build(PipelineConfig, data, str(path))
     if not 0 < config.held_out_fraction < 1:
         raise ConfigError(f"{path}: held_out_fraction must be between 0 and 1")
+    bad = [m for m in config.modalities if m not in ("text", "image")]
+    if bad or "text" not in config.modalities:
+        raise ConfigError(f"{path}: modalities {config.modalities}: give text, or text and image")
     return config

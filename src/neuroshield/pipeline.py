@@ -82,6 +82,16 @@ class Pipeline:
         records = select_split(records, split, self.config.held_out_fraction, self.config.seed)
         return limit_per_group(records, limit, self.config.seed)
 
+    def harmful(self, languages: list[str], split: str, limit: int | None) -> list[PromptRecord]:
+        """Held-in / held-out harmful prompts of the first harmful source, in every configured modality: image
+        records are the same prompts rendered FigStep-style (`runs/<name>/images`), same ids, same split."""
+        text = self.prompts(self.config.identify.harmful[0], "harmful", languages, split, limit)
+        if "image" not in self.config.modalities:
+            return text
+        from neuroshield.data.typography import render_prompt_records
+
+        return text + render_prompt_records(text, self.run_dir / "images")
+
     # --- stage runner -----------------------------------------------------------------------------
     def _stage(self, name: str, inputs: dict[str, Any], body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         stage_dir = self.run_dir / name
@@ -110,6 +120,10 @@ class Pipeline:
 
         c, ic = self.config, self.config.identify
         harmful = [r for s in ic.harmful for r in self.prompts(s, "harmful", c.languages, "held-in", ic.per_language)]
+        if "image" in c.modalities:
+            from neuroshield.data.typography import render_prompt_records
+
+            harmful += render_prompt_records(harmful, self.run_dir / "images")
         benign = [r for s in ic.benign for r in self.prompts(s, "benign", c.languages, "held-in", ic.per_language)]
         inputs = {"config": ic.__dict__, "languages": c.languages, "high_resource": c.high_resource,
                   "model": self.model_identity(), "harmful": _records_fingerprint(harmful),
@@ -130,8 +144,7 @@ class Pipeline:
 
         c, vc = self.config, self.config.validate
         set_dir = self.run_dir / "identify" / vc.method
-        harmful = {lang: self.prompts(c.identify.harmful[0], "harmful", [lang], "held-out", vc.per_language)
-                   for lang in c.languages}
+        harmful = {lang: self.harmful([lang], "held-out", vc.per_language) for lang in c.languages}
         guard = [r for lang in c.languages[:2]
                  for r in self.prompts("parallel-benign", "benign", [lang], "held-out", vc.benign_guard)]
         inputs = {"config": vc.__dict__, "identify": identified["fingerprint"], "guard": _records_fingerprint(guard),
@@ -157,13 +170,16 @@ class Pipeline:
                          benign_guard=guard if name.startswith("suppress") else None, out_dir=out / name)
                 experiments[name] = str(out / name / "validation.json")
 
-            # (a) suppress the high-resource MS neurons on high-resource prompts
-            run(f"suppress-ms-{hr}", f"ms_{hr}", "zero", harmful[hr])
-            # (b) suppress SS(lang) on each other language; (c) reinforce SS(lang) there
-            for lang in others:
-                run(f"suppress-ss-{lang}", f"ss_{lang}", "zero", harmful[lang])
-            for lang in others:
-                run(f"reinforce-ss-{lang}", f"ss_{lang}", f"scale:{vc.reinforce_scale}", harmful[lang])
+            for modality in c.modalities:
+                sfx = "" if modality == "text" else f"_{modality}"
+                by_lang = {lang: [r for r in recs if r.modality == modality] for lang, recs in harmful.items()}
+                # (a) suppress the high-resource MS neurons on high-resource prompts
+                run(f"suppress-ms-{hr}{sfx}", f"ms_{hr}{sfx}", "zero", by_lang[hr])
+                # (b) suppress SS(lang) on each other language; (c) reinforce SS(lang) there
+                for lang in others:
+                    run(f"suppress-ss-{lang}{sfx}", f"ss_{lang}{sfx}", "zero", by_lang[lang])
+                for lang in others:
+                    run(f"reinforce-ss-{lang}{sfx}", f"ss_{lang}{sfx}", f"scale:{vc.reinforce_scale}", by_lang[lang])
             return {"experiments": experiments}
 
         return self._stage("validate", inputs, body)
@@ -172,8 +188,7 @@ class Pipeline:
         from neuroshield.train.recipes import recipe_neuron_set, train
 
         c, tc = self.config, self.config.train
-        harmful = [r for lang in tc.languages
-                   for r in self.prompts(c.identify.harmful[0], "harmful", [lang], "held-in", tc.per_language)]
+        harmful = [r for lang in tc.languages for r in self.harmful([lang], "held-in", tc.per_language)]
         benign = self.prompts(tc.benign, "benign", ["en"], "held-in", tc.benign_count)
         inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "harmful": _records_fingerprint(harmful),
                   "benign": _records_fingerprint(benign), "seed": c.seed}
@@ -186,6 +201,7 @@ class Pipeline:
                 neuron_set = None
                 if recipe in ("precise-shield", "ss-expansion", "random"):
                     neuron_set = recipe_neuron_set(recipe, loaded, set_dir, set_languages=c.languages,
+                                                   modalities=c.modalities,
                                                    high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed)
                 result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
                                languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe != "full" else None,
@@ -203,8 +219,7 @@ class Pipeline:
         from neuroshield.models import load_model
 
         c, ec = self.config, self.config.evaluate
-        harmful = [r for r in self.prompts(c.identify.harmful[0], "harmful", c.languages, "held-out",
-                                           ec.harmful_per_language)]
+        harmful = self.harmful(c.languages, "held-out", ec.harmful_per_language)
         benign = [r for s in ec.benign for r in self.prompts(s, "benign", c.languages, "held-out", ec.benign_per_language)]
         mgsm = self.prompts("mgsm", "benign", c.languages, "held-out", ec.mgsm_per_language) if ec.mgsm_per_language else []
         xcopa = (self.prompts("xcopa", "benign", ec.xcopa_languages, "all", ec.xcopa_per_language)
@@ -247,6 +262,9 @@ class Pipeline:
         _write_json(self.run_dir / "config.json", self.config.to_dict())
         start = time.perf_counter()
         self.model_identity()
+        if "image" in self.config.modalities and not self._loaded.adapter.multimodal:
+            raise ValueError(f"modalities include image, but {self.config.model!r} is a text model: use a "
+                             "vision-language model (see docs/vlm.md), or set modalities: [text]")
         identified = self.identify() if "identify" in stages else None
         if identified is None:
             raise ValueError("the identify stage is needed by every later stage")
