@@ -77,7 +77,9 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("quick.yaml", "full.yaml"):
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"quick.yaml", "full.yaml", "vlm-llava.yaml", "vlm-qwen2vl.yaml"} <= set(names)
+    for name in names:
         assert load_config(root / name).languages
 
 

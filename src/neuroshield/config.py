@@ -73,6 +73,8 @@ class EvaluateConfig:
 class PipelineConfig:
     name: str = "run"
     model: str = "default"
+    dtype: str = ""  # "" = the model's own (float32 for the GGUF models); bfloat16 on a GPU
+    device_map: str = ""  # "" = CPU / one device; "auto" spreads a large model over the GPUs (accelerate)
     out_dir: str = "runs"
     seed: int = 0
     languages: list[str] = field(default_factory=lambda: ["en", "zh", "ar", "ru", "es", "fr", "de", "ja", "bn", "hi"])

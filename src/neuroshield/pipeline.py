@@ -55,7 +55,8 @@ class Pipeline:
         """A fresh copy of the base model (cached on disk, so reloading costs about a second)."""
         from neuroshield.models import load_model
 
-        return load_model(self.config.model)
+        c = self.config
+        return load_model(c.model, dtype=c.dtype or None, device_map=c.device_map or None)
 
     def model_identity(self) -> dict[str, Any]:
         if self._loaded is None:
@@ -240,7 +241,8 @@ class Pipeline:
                 if info.get("patch"):
                     evaluate(self._loaded, suite, patch=info["patch"], out_dir=out / recipe, tag=recipe, **kw)
                 elif info.get("model_dir"):
-                    evaluate(load_model(info["model_dir"]), suite, out_dir=out / recipe, tag=recipe, **kw)
+                    merged = load_model(info["model_dir"], dtype=c.dtype or None, device_map=c.device_map or None)
+                    evaluate(merged, suite, out_dir=out / recipe, tag=recipe, **kw)
                 else:
                     continue
                 results[recipe] = str(out / recipe / "eval.json")
