@@ -103,3 +103,20 @@ def test_image_training_examples_on_a_text_model_fail_clearly(tmp_path: Path) ->
                       image=str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match="text model .* vision-language model"):
         encode_examples(lm, [ex], 64)
+
+
+def test_cli_identify_with_images(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from neuroshield.cli import app
+    from neuroshield.models.tiny_vlm import save_tiny_vlm
+
+    folder = tmp_path / "tiny-llava"
+    save_tiny_vlm(tiny_vlm("llava"), folder)
+    out = tmp_path / "id"
+    res = CliRunner().invoke(app, ["identify", "--model", str(folder), "--harmful", "xsafety", "--benign",
+                                   "parallel-benign", "--languages", "en,de", "--limit", "2", "--rho", "0.2",
+                                   "--images", str(tmp_path / "images"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "plnd" / "ss_de_image.safetensors").is_file()
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4

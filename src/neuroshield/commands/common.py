@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -34,5 +35,21 @@ def split_list(value: str | None) -> list[str] | None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
 
+
+def with_images(records: list[Any], images: Path | None) -> list[Any]:
+    """`records` plus FigStep-style typographic versions of their harmful text prompts, rendered into `images`
+    (option `--images DIR`; same ids, so splits agree; needs a vision-language model downstream)."""
+    if images is None:
+        return records
+    from neuroshield.data.typography import render_prompt_records
+
+    text = [r for r in records if r.modality == "text" and r.label == "harmful"]
+    if not text:
+        raise ValueError("--images: no harmful text prompts to render")
+    return records + render_prompt_records(text, images)
+
+
+IMAGES_HELP = ("Also render the harmful prompts FigStep-style into this folder and use them as image prompts "
+               "(vision-language models).")
 
 Command = Callable[..., Any]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from neuroshield.commands.common import split_list, user_errors
+from neuroshield.commands.common import IMAGES_HELP, split_list, user_errors, with_images
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         mgsm_max_new_tokens: int = typer.Option(256, help="Tokens generated per MGSM problem."),
         backend: str = typer.Option("hf", help="hf | vllm (vllm: checkpoints only)."),
         dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         n_resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95 % intervals."),
         seed: int = typer.Option(0, help="Bootstrap seed."),
     ) -> None:
@@ -49,6 +50,7 @@ def register(app: typer.Typer) -> None:
                 benign_limit=benign_limit, mgsm_limit=mgsm_limit, xcopa_limit=xcopa_limit,
                 mgsm_languages=split_list(mgsm_languages), xcopa_languages=split_list(xcopa_languages),
             )
+            suite.harmful = with_images(suite.harmful, images)
             typer.echo(f"suite: {len(suite.harmful)} harmful, {len(suite.benign)} benign, {len(suite.mgsm)} MGSM, "
                        f"{len(suite.xcopa)} XCOPA")
             loaded = load_model(model, dtype=dtype)

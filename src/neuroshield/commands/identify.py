@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from neuroshield.commands.common import print_json, split_list, user_errors
+from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, user_errors, with_images
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def register(app: typer.Typer) -> None:
         max_length: int = typer.Option(512, help="Tokens per prompt (longer user texts lose their start)."),
         qk_impact: str = typer.Option("exact", help="q/k plnd statistics: exact | pair (cheaper bound)."),
         dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         out: Path = typer.Option(..., "--out", "-o", help="Run folder (stats/, <method>/, summary.json)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
@@ -102,6 +103,7 @@ def register(app: typer.Typer) -> None:
             n_all = len(harm) + len(ben)
             harm = limit_per_group(select_split(harm, split, held_out_fraction, split_seed), limit)
             ben = limit_per_group(select_split(ben, split, held_out_fraction, split_seed), limit)
+            harm = with_images(harm, images)
             typer.echo(f"prompts: {len(harm)} harmful + {len(ben)} benign of {n_all} ({split} split"
                        f"{', --limit ' + str(limit) if limit is not None else ''})", err=True)
             loaded = load_model(model, dtype=dtype)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from neuroshield.commands.common import print_json, split_list, user_errors
+from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, user_errors, with_images
 
 
 def register(app: typer.Typer) -> None:
@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         lora_r: int = typer.Option(16, help="LoRA rank."),
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),
         dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         mixed_precision: str = typer.Option("no", help="accelerate mixed precision: no | bf16 | fp16"),
         gradient_checkpointing: bool = typer.Option(False, help="Recompute activations (less memory)."),
         out: Path = typer.Option(..., "--out", help="Run folder of this training."),
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
             loaded = load_model(model, dtype=dtype)
             harm = load_prompts(harmful, languages=langs, label="harmful")
             harm = limit_per_group(select_split(harm, harmful_split, held_out_fraction, split_seed), harmful_limit)
+            harm = with_images(harm, images)
             ben = []
             if benign:
                 ben = load_prompts(benign, languages=split_list(benign_languages), label="benign")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from neuroshield.commands.common import split_list, user_errors
+from neuroshield.commands.common import IMAGES_HELP, split_list, user_errors, with_images
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, help="Tokens generated per prompt."),
         batch_size: int = typer.Option(8, help="Prompts per batch."),
         dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (validation.json/.csv/.png, generations)."),
         cache_dir: Path | None = typer.Option(None, help="Generation cache shared between runs (default: OUT/cache)."),
     ) -> None:
@@ -52,6 +53,7 @@ def register(app: typer.Typer) -> None:
                                               held_out_fraction=held_out_fraction, split_seed=split_seed, limit=limit)
             if not records:
                 raise ValueError(f"--prompts {prompts}: no prompts left after --languages/--split/--limit")
+            records = with_images(records, images)
             guard = None
             if benign:
                 guard = load_validation_prompts(benign, langs or sorted({r.language for r in records}), label=None,
