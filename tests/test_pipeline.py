@@ -124,3 +124,14 @@ def test_image_modality_on_a_text_model_is_refused(tmp_path: Path, tiny_folder: 
     path.write_text("modalities: [audio]\n")
     with pytest.raises(ConfigError, match="modalities"):
         load_config(path)
+
+
+def test_overrides_replace_single_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\ntrain: {steps: 3, recipes: [precise-shield]}\n")
+    c = load_config(path, ["train.steps=60", "train.recipes=[lora, full]", "name=b", "evaluate.enabled=false"])
+    assert (c.train.steps, c.train.recipes, c.name, c.evaluate.enabled) == (60, ["lora", "full"], "b", False)
+    with pytest.raises(ConfigError, match=r"train: unknown key.*stepz"):
+        load_config(path, ["train.stepz=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["train.steps"])

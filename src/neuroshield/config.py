@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,29 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`key.sub=value` overrides (value read as YAML: `train.steps=60`, `train.recipes=[lora,full]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=60 or name=compare")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a pipeline YAML; `overrides` (`key.sub=value`) replace single keys, checked like the file's."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -135,7 +158,9 @@ def load_config(path: str | Path) -> PipelineConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    config = _build(PipelineConfig, data, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (name, model, identify, ...)")
+    config = _build(PipelineConfig, apply_overrides(data, overrides), str(path))
     if not 0 < config.held_out_fraction < 1:
         raise ConfigError(f"{path}: held_out_fraction must be between 0 and 1")
     bad = [m for m in config.modalities if m not in ("text", "image")]

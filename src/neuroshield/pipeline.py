@@ -198,6 +198,15 @@ class Pipeline:
             results: dict[str, Any] = {}
             set_dir = self.run_dir / "identify" / tc.method
             for recipe in tc.recipes:
+                # a recipe finished with the same inputs is reused, so adding a recipe to the config trains
+                # only that one
+                recipe_key = _fingerprint({**inputs, "config": {k: v for k, v in tc.__dict__.items() if k != "recipes"},
+                                           "recipe": recipe, "version": __version__})
+                marker = out / recipe / "pipeline-recipe.json"
+                if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == recipe_key:
+                    results[recipe] = json.loads(marker.read_text())["result"]
+                    log.info("train %s: up to date, reused (%s)", recipe, marker)
+                    continue
                 loaded = self.base_model()  # every recipe starts from the base weights
                 neuron_set = None
                 if recipe in ("precise-shield", "ss-expansion", "random"):
@@ -211,6 +220,8 @@ class Pipeline:
                 results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}
+                if not result.interrupted:
+                    _write_json(marker, {"fingerprint": recipe_key, "result": results[recipe]})
             return {"recipes": results}
 
         return self._stage("train", inputs, body)

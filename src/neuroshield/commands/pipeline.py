@@ -15,6 +15,8 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Argument(..., help="Pipeline YAML (see configs/quick.yaml, configs/full.yaml)."),
         stages: str = typer.Option("identify,validate,train,evaluate,report", help="Stages to run, comma-separated."),
         out_dir: str = typer.Option(None, help="Override the config's out_dir."),
+        overrides: list[str] = typer.Option(None, "--set", help="Override a key: --set train.steps=60 "
+                                                              "--set 'train.recipes=[lora,full]' (repeatable)."),
     ) -> None:
         """Run identify -> overlap -> validate -> train -> evaluate -> report; finished stages are skipped."""
         from neuroshield.config import load_config
@@ -22,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
         start = time.perf_counter()
         with user_errors():
-            cfg = load_config(config)
+            cfg = load_config(config, overrides or ())
             if out_dir:
                 cfg.out_dir = out_dir
             report = run_pipeline(cfg, tuple(split_list(stages) or ()))
