@@ -31,6 +31,7 @@ class IdentifyConfig:
 class ValidateConfig:
     enabled: bool = True
     method: str = "plnd"  # which method's sets to validate
+    languages: list[str] = field(default_factory=list)  # [] = every language of the run
     per_language: int = 10  # held-out harmful prompts per language
     controls: int = 2
     max_new_tokens: int = 32
@@ -48,6 +49,8 @@ class TrainConfig:
     per_language: int = 24  # held-in harmful prompts per supervision language
     benign: str = "alpaca-seed"
     benign_count: int = 24
+    benign_answers: str = "self"  # self: the base model's own answers (generated once, cached) | reference
+    benign_max_new_tokens: int = 64
     steps: int = 30
     lr: float = 1e-3
     batch_size: int = 4

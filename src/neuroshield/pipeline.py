@@ -145,13 +145,14 @@ class Pipeline:
 
         c, vc = self.config, self.config.validate
         set_dir = self.run_dir / "identify" / vc.method
-        harmful = {lang: self.harmful([lang], "held-out", vc.per_language) for lang in c.languages}
+        langs = [lang for lang in c.languages if not vc.languages or lang in vc.languages]
+        harmful = {lang: self.harmful([lang], "held-out", vc.per_language) for lang in langs}
         guard = [r for lang in c.languages[:2]
                  for r in self.prompts("parallel-benign", "benign", [lang], "held-out", vc.benign_guard)]
         inputs = {"config": vc.__dict__, "identify": identified["fingerprint"], "guard": _records_fingerprint(guard),
                   "harmful": {k: _records_fingerprint(v) for k, v in harmful.items()}}
         hr = c.high_resource[0]
-        others = [lang for lang in c.languages if lang not in c.high_resource]
+        others = [lang for lang in langs if lang not in c.high_resource]
 
         def body(out: Path) -> dict[str, Any]:
             loaded = self._loaded
@@ -168,14 +169,15 @@ class Pipeline:
                     return
                 validate(loaded, ns, prompts, mode=mode, controls=vc.controls, seed=c.seed,
                          max_new_tokens=vc.max_new_tokens, batch_size=vc.batch_size,
-                         benign_guard=guard if name.startswith("suppress") else None, out_dir=out / name)
+                         benign_guard=guard if name.startswith("suppress") else None, out_dir=out / name,
+                         cache_dir=out / "generations")  # shared: the no-intervention answers are generated once
                 experiments[name] = str(out / name / "validation.json")
 
             for modality in c.modalities:
                 sfx = "" if modality == "text" else f"_{modality}"
                 by_lang = {lang: [r for r in recs if r.modality == modality] for lang, recs in harmful.items()}
                 # (a) suppress the high-resource MS neurons on high-resource prompts
-                run(f"suppress-ms-{hr}{sfx}", f"ms_{hr}{sfx}", "zero", by_lang[hr])
+                run(f"suppress-ms-{hr}{sfx}", f"ms_{hr}{sfx}", "zero", by_lang.get(hr, []))
                 # (b) suppress SS(lang) on each other language; (c) reinforce SS(lang) there
                 for lang in others:
                     run(f"suppress-ss-{lang}{sfx}", f"ss_{lang}{sfx}", "zero", by_lang[lang])
@@ -216,7 +218,8 @@ class Pipeline:
                 result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
                                languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe != "full" else None,
                                batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
-                               seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl")
+                               seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl",
+                               benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens)
                 results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}
