@@ -52,7 +52,7 @@ class TrainConfig:
     benign_answers: str = "self"  # self: the base model's own answers (generated once, cached) | reference
     benign_max_new_tokens: int = 64
     steps: int = 30
-    lr: float = 1e-3
+    lr: float = 1e-3  # neuron recipes; lora and full use their recipe defaults (2e-4, 1e-5)
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256

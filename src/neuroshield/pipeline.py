@@ -216,7 +216,8 @@ class Pipeline:
                                                    modalities=c.modalities,
                                                    high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed)
                 result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
-                               languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe != "full" else None,
+                               languages=tc.languages, steps=tc.steps,
+                               lr=tc.lr if recipe in ("precise-shield", "ss-expansion", "random") else None,
                                batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
                                seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl",
                                benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens)

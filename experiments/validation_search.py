@@ -1,0 +1,113 @@
+"""Which neuron sets move refusal when suppressed? A screen over scoring methods, ρ and modes.
+
+Issue 4 asks what to try when suppressing the MS set does not beat a random control. Generating answers
+for every (method, ρ, mode) costs minutes each on a CPU, so this script screens with the log-probability
+refusal judge (P(refusal openers) vs P(compliance openers) at the first response tokens; no generation),
+on **held-in** prompts only (the split identify used; the held-out prompts stay for `neuroshield validate`).
+For each set it reports the mean refusal probability and the refusal rate (score >= 0.5) with no
+intervention, with the set, and with `--controls` random sets of the same count per layer, plus the same
+on benign prompts (a set that also makes benign prompts "refused" is breaking the model, not safety).
+
+    python experiments/validation_search.py --stats runs/quick/identify/stats --language en \
+        --out experiments/results/validation_search.json
+
+The statistics folder is the `stats/` of an identify run (any model spec given with --model must match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--stats", required=True, help="stats/ folder of an identify run")
+    ap.add_argument("--language", default="en")
+    ap.add_argument("--methods", default="plnd,precise-shield,mean-diff,t-stat")
+    ap.add_argument("--rhos", default="0.03,0.1")
+    ap.add_argument("--modes", default="zero,mean:benign",
+                    help="zero | scale:a | mean:benign (the language's benign mean from the statistics)")
+    ap.add_argument("--prompts", type=int, default=32, help="held-in harmful prompts")
+    ap.add_argument("--benign", type=int, default=16, help="held-in benign prompts (parallel benign set)")
+    ap.add_argument("--controls", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="experiments/results/validation_search.json")
+    args = ap.parse_args(argv)
+
+    from neuroshield.data.loaders import load_prompts
+    from neuroshield.data.templates import load_parallel_benign
+    from neuroshield.evaluate.judges_extra import LogprobRefusalJudge
+    from neuroshield.intervene.interventions import intervene
+    from neuroshield.models import load_model
+    from neuroshield.neurons.neuronset import random_like
+    from neuroshield.neurons.selection import language_set
+    from neuroshield.neurons.splits import limit_per_group, select_split
+    from neuroshield.neurons.stats import ActivationStats
+
+    lang = args.language
+    loaded = load_model(args.model)
+    stats = ActivationStats.load(args.stats)
+    harmful = limit_per_group(select_split(load_prompts("xsafety", languages=[lang], label="harmful"), "held-in"),
+                              args.prompts, args.seed)
+    benign = limit_per_group(select_split([r for r in load_parallel_benign([lang]) if r.label == "benign"],
+                                          "held-in"), args.benign, args.seed)
+    judge = LogprobRefusalJudge(loaded, batch_size=8)
+
+    def measure(records: list[Any]) -> dict[str, float]:
+        res = judge.judge_prompts([r.text for r in records], [r.language for r in records])
+        return {"p_refusal": statistics.fmean(r.score for r in res),
+                "refusal_rate": sum(r.refused for r in res) / len(res)}
+
+    def both() -> dict[str, dict[str, float]]:
+        return {"harmful": measure(harmful), "benign": measure(benign)}
+
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    base = both()
+    print(f"no intervention: {base}", flush=True)
+    benign_group = f"{lang}/text/benign"
+    for method in args.methods.split(","):
+        for rho in (float(r) for r in args.rhos.split(",")):
+            ns = language_set(stats, loaded, method, lang, rho=rho, seed=args.seed)
+            controls = [random_like(ns, loaded, args.seed + 1 + k) for k in range(args.controls)]
+            for mode in args.modes.split(","):
+                spec = f"mean:{benign_group}" if mode == "mean:benign" else mode
+                with intervene(loaded, ns, spec, stats=stats):
+                    with_set = both()
+                ctrl = []
+                for c in controls:
+                    with intervene(loaded, c, spec, stats=stats):
+                        ctrl.append(both())
+                row = {"method": method, "rho": rho, "mode": mode, "neurons": len(ns), "set": with_set,
+                       "controls": ctrl,
+                       "control_mean": {k: {m: statistics.fmean(c[k][m] for c in ctrl) for m in ("p_refusal", "refusal_rate")}
+                                        for k in ("harmful", "benign")}}
+                rows.append(row)
+                h, cm = with_set["harmful"], row["control_mean"]["harmful"]
+                print(f"{method:15s} rho={rho:<5g} {mode:12s} n={len(ns):5d}  harmful P(refusal) set {h['p_refusal']:.3f} "
+                      f"control {cm['p_refusal']:.3f} (none {base['harmful']['p_refusal']:.3f});  benign set "
+                      f"{with_set['benign']['p_refusal']:.3f} control {row['control_mean']['benign']['p_refusal']:.3f} "
+                      f"(none {base['benign']['p_refusal']:.3f})", flush=True)
+    result = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "model": loaded.model_id,
+              "language": lang, "stats": str(args.stats), "harmful_prompts": len(harmful), "benign_prompts": len(benign),
+              "judge": judge.describe(), "none": base, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
