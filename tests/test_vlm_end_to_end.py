@@ -7,6 +7,7 @@ prompt, training on mixed text/image batches (only the neuron rows change), ASR 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,12 @@ def test_every_stage_takes_image_groups(arch: str, tmp_path: Path) -> None:
     assert sets["ms_de_image"].meta["modality"] == "image"
     assert res.stats.count("en/image/harmful") > 0
     assert res.summary["sets"]["plnd"]["ss_de_image"]["modality"] == "image"
+    from neuroshield.neurons.identify import overlap_report
+
+    index = json.loads((overlap_report(tmp_path / "id") / "overlap.json").read_text())
+    cross = index["methods"]["plnd"]["text_vs_image"]
+    assert set(cross) == {"en", "de"} and 0.0 <= cross["de"]["overlap"] <= 1.0
+    assert "en_image" in index["methods"]["plnd"]["ms_sizes"]
 
     # validate: suppressing the image set while the image is in the prompt, against a random control
     img_prompts = [r for r in harmful if r.modality == "image"]

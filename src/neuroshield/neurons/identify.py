@@ -360,6 +360,11 @@ def overlap_report(run_dir: str | Path) -> Path:
                 c["enrichment"] = round(c["intersection"] / c["chance_intersection"], 3) \
                     if c["chance_intersection"] > 0 else None
         entry["high_resource_vs"] = vs
+        # cross-modal: each language's text set against its image set (typographic prompts), when both exist
+        cross = {lang: {k: round(v, 4) for k, v in res.cell(lang, f"{lang}_image").items()}
+                 for lang in res.names if f"{lang}_image" in res.names}
+        if cross:
+            entry["text_vs_image"] = cross
         offdiag = [(res.overlap[i, j], res.chance_overlap[i, j]) for i in range(len(res.names))
                    for j in range(len(res.names)) if i != j]
         if offdiag:
