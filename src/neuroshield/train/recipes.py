@@ -426,7 +426,9 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None
             ax.plot(*zip(*pts), label=key.replace("loss_", ""), color=colour, alpha=0.6, lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (response tokens)")
-    ax.set_title(title)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long set names would run off the figure
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
