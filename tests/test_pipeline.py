@@ -135,3 +135,28 @@ def test_overrides_replace_single_keys(tmp_path: Path) -> None:
         load_config(path, ["train.stepz=1"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(path, ["train.steps"])
+
+
+def test_override_values_are_read_like_yaml_numbers_and_sources(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\n")
+    c = load_config(path, ["train.lr=5e-3", "identify.harmful=xsafety:Crimes_And_Illegal_Activities,Insult"])
+    assert c.train.lr == 0.005
+    assert c.identify.harmful == ["xsafety:Crimes_And_Illegal_Activities,Insult"]
+    with pytest.raises(ConfigError, match="whole number"):
+        load_config(path, ["train.steps=60.5"])
+
+
+@pytest.mark.slow
+def test_changed_training_settings_do_not_resume_stale_checkpoints(tmp_path: Path, tiny_folder: Path) -> None:
+    config = _config(tmp_path, tiny_folder)
+    config.validate.enabled = False
+    config.evaluate.enabled = False
+    config.train.recipes = ["precise-shield"]
+    config.train.steps = 4
+    Pipeline(config).run()
+    config.train.steps = 2  # fewer steps: the 4-step checkpoint must not be exported as the result
+    config.train.lr = 0.002
+    Pipeline(config).run()
+    summary = json.loads((config.run_dir / "train" / "precise-shield" / "summary.json").read_text())
+    assert summary["steps_done"] == 2 and summary["resumed_from"] is None

@@ -114,7 +114,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[name] = _build(type(default), value or {}, f"{where}.{name}")
         elif isinstance(default, list):
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                # "en,zh" is a list; "xsafety:A,B" is one source whose option holds commas (use [..] for several)
+                value = [value] if ":" in value else [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
                 raise ConfigError(f"{where}.{name}: expected a list, got {value!r}")
             kwargs[name] = [str(v) for v in value]
@@ -123,8 +124,15 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 raise ConfigError(f"{where}.{name}: expected true/false, got {value!r}")
             kwargs[name] = value
         elif isinstance(default, (int, float)):
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+            if isinstance(default, int) and float(value) != int(value):
+                raise ConfigError(f"{where}.{name}: expected a whole number, got {value!r}")
             kwargs[name] = type(default)(value)
         else:
             kwargs[name] = str(value)

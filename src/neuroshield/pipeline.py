@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield import __version__
+from neuroshield.neurons.stats import image_digest
 from neuroshield.config import PipelineConfig
 from neuroshield.data.records import PromptRecord
 
@@ -32,7 +33,8 @@ def _fingerprint(obj: Any) -> str:
 
 
 def _records_fingerprint(records: list[PromptRecord]) -> str:
-    return _fingerprint(sorted((r.id, r.language, r.modality, r.label, r.text) for r in records))
+    return _fingerprint(sorted((r.id, r.language, r.modality, r.label, r.text, r.reference or "",
+                                image_digest(r.image)) for r in records))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -61,8 +63,10 @@ class Pipeline:
     def model_identity(self) -> dict[str, Any]:
         if self._loaded is None:
             self._loaded = self.base_model()
+        # the config hash leaves the dtype out on purpose (sets transfer across dtypes); results do not
+        dtype = str(next(self._loaded.model.parameters()).dtype).replace("torch.", "")
         return {"model": self.config.model, "model_id": self._loaded.model_id,
-                "config_hash": self._loaded.config_hash, **self._loaded.info}
+                "config_hash": self._loaded.config_hash, "dtype": dtype, **self._loaded.info}
 
     def prompts(self, source: str, label: str, languages: list[str], split: str, limit: int | None) -> list[PromptRecord]:
         """Prompts of `source` in `languages` (those it has), `split` by prompt id, `limit` per language."""
@@ -205,10 +209,16 @@ class Pipeline:
                 recipe_key = _fingerprint({**inputs, "config": {k: v for k, v in tc.__dict__.items() if k != "recipes"},
                                            "recipe": recipe, "version": __version__})
                 marker = out / recipe / "pipeline-recipe.json"
+                started = out / recipe / "pipeline-recipe-started.json"
                 if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == recipe_key:
                     results[recipe] = json.loads(marker.read_text())["result"]
                     log.info("train %s: up to date, reused (%s)", recipe, marker)
                     continue
+                marker.unlink(missing_ok=True)
+                # resume only an interrupted run of these very inputs; other checkpoints are stale
+                resume = started.is_file() and json.loads(started.read_text()).get("fingerprint") == recipe_key
+                started.parent.mkdir(parents=True, exist_ok=True)
+                _write_json(started, {"fingerprint": recipe_key})
                 loaded = self.base_model()  # every recipe starts from the base weights
                 neuron_set = None
                 if recipe in ("precise-shield", "ss-expansion", "random"):
@@ -220,7 +230,8 @@ class Pipeline:
                                lr=tc.lr if recipe in ("precise-shield", "ss-expansion", "random") else None,
                                batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
                                seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl",
-                               benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens)
+                               benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
+                               resume=resume)
                 results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}

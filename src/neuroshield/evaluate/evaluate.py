@@ -423,6 +423,10 @@ def _vllm_generator(loaded: Any, system: str | None) -> GenerateFn:  # pragma: n
     tok = loaded.tokenizer
 
     def gen(records: list[PromptRecord], max_new_tokens: int, on_batch: OnBatch) -> None:
+        images = [r for r in records if r.image]
+        if images:
+            raise RuntimeError(f"backend='vllm' sends text only, and {len(images)} prompts have images (first: "
+                               f"{images[0].id}); use backend='hf' for image prompts")
         texts = [tok.apply_chat_template(chat_messages(r.text, system=system), tokenize=False, add_generation_prompt=True)
                  for r in records]
         params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)

@@ -97,6 +97,7 @@ def _stats_compatible(old: ActivationStats, loaded: LoadedModel, site_keys: list
         "positions": (old.meta.get("positions"), positions),
         "max_length": (old.meta.get("max_length"), max_length),
         "impact": (bool(old.meta.get("impact")), impact),
+        "dtype": (old.meta.get("dtype"), str(next(loaded.model.parameters()).dtype).replace("torch.", "")),
     }
     if impact:
         checks["qk_impact"] = (old.meta.get("qk_impact"), qk_impact)

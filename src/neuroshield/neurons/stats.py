@@ -74,13 +74,27 @@ def _norm_group(group: str | tuple[str, str, str]) -> str:
     return group
 
 
+def image_digest(path: str | None) -> str:
+    """sha256 of an image file's bytes ("" for none): image prompts share one instruction text per language,
+    so their identity is the picture."""
+    if not path:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return f"missing:{path}"
+
+
 def data_hash(records: Iterable[PromptRecord]) -> str:
-    """sha256 of the sorted (id, text) pairs of `records` (one line `id<TAB>text` each)."""
+    """sha256 of the sorted (id, text) pairs of `records` (one line `id<TAB>text` each; image prompts add
+    `<TAB>` and the digest of the image's bytes)."""
     h = hashlib.sha256()
-    for rid, text in sorted((r.id, r.text) for r in records):
+    for rid, text, image in sorted((r.id, r.text, getattr(r, "image", None) or "") for r in records):
         h.update(rid.encode())
         h.update(b"\t")
         h.update(text.encode())
+        if image:
+            h.update(b"\t" + image_digest(image).encode())
         h.update(b"\n")
     return h.hexdigest()
 

@@ -89,11 +89,14 @@ def verify_reload(folder: str | Path, model: nn.Module, tokenizer: Any, atol: fl
     dtype = next(model.parameters()).dtype
     # a VLM reloads as what it is (AutoModelForCausalLM would drop the vision tower or refuse the config)
     auto = AutoModelForImageTextToText if hasattr(model.config, "vision_config") else AutoModelForCausalLM
-    reloaded = auto.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    device = next(model.parameters()).device
+    reloaded = auto.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(device)
     reloaded.eval()
     got = probe_logits(reloaded, tokenizer)
     del reloaded
     diff = float((ref - got).abs().max())
+    if device.type != "cpu":  # GPU kernels need not be bitwise reproducible across two model instances
+        atol = max(atol, 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3)
     if diff > atol:
         raise ExportError(f"{folder}: reloaded with plain transformers, the logits differ by {diff:g} "
                           f"(allowed {atol:g}); the export is not the trained model")

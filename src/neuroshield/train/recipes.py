@@ -305,10 +305,18 @@ class _GatherBeforeHead:
         if self.positions is None:
             return None
         h = args[0]
-        return (h.reshape(-1, h.shape[-1]).index_select(0, self.positions).unsqueeze(0), *args[1:])
+        # positions live on the accelerator's device; with device_map="auto" lm_head may sit elsewhere
+        return (h.reshape(-1, h.shape[-1]).index_select(0, self.positions.to(h.device)).unsqueeze(0), *args[1:])
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+_VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector", "mm_projector")
+
+
+def _is_vision_parameter(name: str) -> bool:
+    return any(part in _VISION_PARTS for part in name.split("."))
 
 
 def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -597,10 +605,12 @@ def train(
         wrapper = _Forward(net)
     else:
         net = loaded.model
-        for p in net.parameters():
-            p.requires_grad_(True)
+        for name, p in net.named_parameters():
+            # a VLM's vision tower and projector stay frozen (METHOD.md: out of scope); they would also get no
+            # gradient from text-only batches, which multi-process DDP rejects
+            p.requires_grad_(not (loaded.adapter.multimodal and _is_vision_parameter(name)))
         wrapper = _Forward(net)
-        updated = total_params
+        updated = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if gradient_checkpointing:
         target = loaded.model
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -630,6 +640,10 @@ def train(
     unwrapped = acc.unwrap_model(wrapper)
     start, history, resumed_from = 0, [], None
     ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None and int(ckpt.name.rsplit("-", 1)[-1]) > steps:
+        # a longer earlier run: resuming would export its later weights as this run's result
+        log.warning("%s is past steps=%d: starting %s again", ckpt, steps, recipe)
+        ckpt, resume = None, False
     if ckpt is not None:
         start, history = load_checkpoint(ckpt, unwrapped, optimizer, fingerprint)
         history = [h for h in history if h["step"] <= start]
