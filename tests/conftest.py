@@ -18,3 +18,12 @@ def smollm2():
     from neuroshield.models import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run faster on one torch thread, much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

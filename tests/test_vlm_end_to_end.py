@@ -27,12 +27,9 @@ BENIGN = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _records(tmp: Path) -> tuple[list[PromptRecord], list[PromptRecord]]:

@@ -411,12 +411,15 @@ class ActivationCollector:
     def _work_dtype(x: torch.Tensor) -> torch.dtype:
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def _row_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, W] -> [B, W] sums over the counted tokens of each row (others, padding included, are
-        zeroed first, so not even a NaN at a padded position can leak in)."""
+    def _counted(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, W] in the working dtype with every uncounted position (padding included) set to 0, so not
+        even a NaN at a padded position can leak into the sums."""
         x = x.detach()
-        x = x.to(self._work_dtype(x)).masked_fill(~self._mask_on(x.device), 0)
-        return x.sum(1)
+        return x.to(self._work_dtype(x)).masked_fill(~self._mask_on(x.device), 0)
+
+    def _row_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, W] -> [B, W] sums over the counted tokens of each row."""
+        return self._counted(x).sum(1)
 
     def _add_rows(self, key: str, per_row: torch.Tensor) -> None:
         """Add [B, W] per-row sums to the float64 per-group running sums of `key`."""
@@ -425,8 +428,7 @@ class ActivationCollector:
     def _on_site(self, site: Site, units: torch.Tensor) -> None:
         # per row: Σ a, Σ|a|, Σa², #(a>0) over counted tokens, in float32 (float64 for float64 models;
         # a row holds at most T tokens), then per group in float64; no [tokens, 4, W] copies
-        x = units.detach()
-        x = x.to(self._work_dtype(x)).masked_fill(~self._mask_on(x.device), 0)  # [B, T, W]
+        x = self._counted(units)  # [B, T, W]
         feats = torch.stack([x.sum(1), x.abs().sum(1), (x * x).sum(1), (x > 0).sum(1, dtype=x.dtype)], dim=1)
         block = self._block[site.key]  # [G, 4, W], order of SUMS
         block += (self._row_onehot @ feats.reshape(feats.shape[0], -1).to(block)).view(block.shape)
