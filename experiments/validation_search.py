@@ -1,10 +1,12 @@
 """Which neuron sets move refusal when suppressed? A screen over scoring methods, ρ and modes.
 
-Issue 4 asks what to try when suppressing the MS set does not beat a random control. Generating answers
-for every (method, ρ, mode) costs minutes each on a CPU, so this script screens with the log-probability
-refusal judge (P(refusal openers) vs P(compliance openers) at the first response tokens; no generation),
-on **held-in** prompts only (the split identify used; the held-out prompts stay for `neuroshield validate`).
-For each set it reports the mean refusal probability and the refusal rate (score >= 0.5) with no
+Issue 4 asks what to try when suppressing the MS set does not beat a random control. Full answers for
+every (method, ρ, mode) cost minutes each on a CPU, so this script screens with short answers
+(`--max-new-tokens`, 12 by default: refusals show in the first words) and the refusal-phrase judge, or
+with the log-probability judge (`--judge logprob`: P(refusal openers) vs P(compliance openers); no
+generation, but slower on a CPU because it scores every opener), on **held-in** prompts only (the split
+identify used; the held-out prompts stay for `neuroshield validate`).
+For each set it reports the mean judge score and the refusal rate with no
 intervention, with the set, and with `--controls` random sets of the same count per layer, plus the same
 on benign prompts (a set that also makes benign prompts "refused" is breaking the model, not safety).
 
@@ -35,34 +37,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rhos", default="0.03,0.1")
     ap.add_argument("--modes", default="zero,mean:benign",
                     help="zero | scale:a | mean:benign (the language's benign mean from the statistics)")
+    ap.add_argument("--harmful", default="xsafety:Crimes_And_Illegal_Activities,Unsafe_Instruction_Topic",
+                    help="harmful prompt source (the pipeline configs' plain-harmful XSafety categories)")
+    ap.add_argument("--kind", choices=["ms", "ss"], default="ms",
+                    help="ms: MS(language); ss: SS(language) = MS(--high-resource) ∩ MS(language)")
+    ap.add_argument("--high-resource", default="en")
     ap.add_argument("--prompts", type=int, default=32, help="held-in harmful prompts")
     ap.add_argument("--benign", type=int, default=16, help="held-in benign prompts (parallel benign set)")
     ap.add_argument("--controls", type=int, default=1)
+    ap.add_argument("--judge", choices=["phrase", "logprob"], default="phrase",
+                    help="phrase: generate --max-new-tokens greedily and apply the refusal-phrase judge (faster on a "
+                         "CPU than logprob, which scores every opener of every prompt)")
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="experiments/results/validation_search.json")
     args = ap.parse_args(argv)
 
     from neuroshield.data.loaders import load_prompts
     from neuroshield.data.templates import load_parallel_benign
-    from neuroshield.evaluate.judges_extra import LogprobRefusalJudge
+    from neuroshield.evaluate.generation import generate_responses
+    from neuroshield.evaluate.judges import RefusalPhraseJudge
+    from neuroshield.evaluate.judges_extra import LogprobRefusalJudge, judge_info
     from neuroshield.intervene.interventions import intervene
     from neuroshield.models import load_model
     from neuroshield.neurons.neuronset import random_like
-    from neuroshield.neurons.selection import language_set
+    from neuroshield.neurons.selection import language_set, shared_sets
     from neuroshield.neurons.splits import limit_per_group, select_split
     from neuroshield.neurons.stats import ActivationStats
 
     lang = args.language
     loaded = load_model(args.model)
     stats = ActivationStats.load(args.stats)
-    harmful = limit_per_group(select_split(load_prompts("xsafety", languages=[lang], label="harmful"), "held-in"),
+    harmful = limit_per_group(select_split(load_prompts(args.harmful, languages=[lang], label="harmful"), "held-in"),
                               args.prompts, args.seed)
     benign = limit_per_group(select_split([r for r in load_parallel_benign([lang]) if r.label == "benign"],
                                           "held-in"), args.benign, args.seed)
-    judge = LogprobRefusalJudge(loaded, batch_size=8)
+    if args.judge == "logprob":
+        judge: Any = LogprobRefusalJudge(loaded, batch_size=8)
+    else:
+        judge = RefusalPhraseJudge()
 
     def measure(records: list[Any]) -> dict[str, float]:
-        res = judge.judge_prompts([r.text for r in records], [r.language for r in records])
+        if args.judge == "logprob":
+            res = judge.judge_prompts([r.text for r in records], [r.language for r in records])
+        else:
+            answers = generate_responses(loaded, records, max_new_tokens=args.max_new_tokens,
+                                         batch_size=args.batch_size, progress=False)
+            res = judge.judge_batch(answers, [r.language for r in records])
         return {"p_refusal": statistics.fmean(r.score for r in res),
                 "refusal_rate": sum(r.refused for r in res) / len(res)}
 
@@ -77,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         for rho in (float(r) for r in args.rhos.split(",")):
             ns = language_set(stats, loaded, method, lang, rho=rho, seed=args.seed)
+            if args.kind == "ss":
+                hr = [h for h in args.high_resource.split(",")]
+                ms = {h: language_set(stats, loaded, method, h, rho=rho, seed=args.seed) for h in hr}
+                ns = shared_sets({**ms, lang: ns}, hr, loaded)[lang]
             controls = [random_like(ns, loaded, args.seed + 1 + k) for k in range(args.controls)]
             for mode in args.modes.split(","):
                 spec = f"mean:{benign_group}" if mode == "mean:benign" else mode
@@ -92,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
                                         for k in ("harmful", "benign")}}
                 rows.append(row)
                 h, cm = with_set["harmful"], row["control_mean"]["harmful"]
-                print(f"{method:15s} rho={rho:<5g} {mode:12s} n={len(ns):5d}  harmful P(refusal) set {h['p_refusal']:.3f} "
+                print(f"{args.kind} {method:15s} rho={rho:<5g} {mode:12s} n={len(ns):5d}  harmful P(refusal) set {h['p_refusal']:.3f} "
                       f"control {cm['p_refusal']:.3f} (none {base['harmful']['p_refusal']:.3f});  benign set "
                       f"{with_set['benign']['p_refusal']:.3f} control {row['control_mean']['benign']['p_refusal']:.3f} "
                       f"(none {base['benign']['p_refusal']:.3f})", flush=True)
     result = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "model": loaded.model_id,
-              "language": lang, "stats": str(args.stats), "harmful_prompts": len(harmful), "benign_prompts": len(benign),
-              "judge": judge.describe(), "none": base, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
+              "language": lang, "kind": args.kind, "harmful_source": args.harmful, "stats": str(args.stats), "harmful_prompts": len(harmful), "benign_prompts": len(benign),
+              "judge": judge_info(judge), "max_new_tokens": args.max_new_tokens if args.judge == "phrase" else None, "none": base, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,3 +44,41 @@ def test_validation_search_screens_sets_against_controls(tmp_path: Path) -> None
     row = result["rows"][0]
     assert 0.0 <= row["set"]["harmful"]["p_refusal"] <= 1.0 and len(row["controls"]) == 1
     assert result["harmful_prompts"] == 3
+
+
+def test_train_sweep_trains_each_setting_and_screens_held_in_prompts(tmp_path: Path) -> None:
+    from neuroshield.config import load_config
+    from neuroshield.pipeline import Pipeline
+
+    torch.set_num_threads(1)
+    lm = tiny_model("qwen2", layers=2, hidden=32, intermediate=64)
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+name: tiny
+model: {folder}
+out_dir: {tmp_path / 'runs'}
+languages: [en, zh]
+identify: {{per_language: 4, methods: [plnd], rho: 0.1, batch_size: 4}}
+train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_answers: reference, steps: 1,
+        batch_size: 2, max_length: 96, budget: 0.05, benign_max_new_tokens: 4}}
+""")
+    Pipeline(load_config(cfg)).run(stages=("identify",))
+    out = tmp_path / "sweep.json"
+    args = ["--config", str(cfg), "--settings", "lr=0.01", "benign=parallel-benign,benign_answers=self,benign_count=2",
+            "--screen-harmful", "2", "--screen-benign", "2", "--max-new-tokens", "3", "--work", str(tmp_path / "w"),
+            "--out", str(out)]
+    assert _script("train_sweep").main(args) == 0
+    result = json.loads(out.read_text())
+    assert [r["setting"] for r in result["rows"]] == [
+        {"lr": 0.01}, {"benign": "parallel-benign", "benign_answers": "self", "benign_count": 2}]
+    assert result["rows"][1]["benign_prompts"] == 4  # 2 per language, en and zh
+    assert result["screen_harmful"] == 4 and result["screen_benign"] == 4
+    trained_ids = {json.loads(line)["id"] for line in (tmp_path / "w" / "lr0.01" / "examples.jsonl").open()}
+    screened = {e["id"] for e in result["base"]["examples"]}
+    assert not trained_ids & screened  # nothing screened was trained on, in any language
+    # a second run skips the finished settings
+    assert _script("train_sweep").main(args) == 0
+    assert len(json.loads(out.read_text())["rows"]) == 2

@@ -48,7 +48,9 @@ class TrainConfig:
     languages: list[str] = field(default_factory=lambda: ["en"])  # supervision languages
     per_language: int = 24  # held-in harmful prompts per supervision language
     benign: str = "alpaca-seed"
-    benign_count: int = 24
+    benign_languages: list[str] = field(default_factory=lambda: ["en"])  # those the benign source has
+    benign_count: int = 24  # held-in benign prompts per benign language
+    benign_fraction: float = 0.5  # share of benign examples in each batch
     benign_answers: str = "self"  # self: the base model's own answers (generated once, cached) | reference
     benign_max_new_tokens: int = 64
     steps: int = 30

@@ -196,7 +196,7 @@ class Pipeline:
 
         c, tc = self.config, self.config.train
         harmful = [r for lang in tc.languages for r in self.harmful([lang], "held-in", tc.per_language)]
-        benign = self.prompts(tc.benign, "benign", ["en"], "held-in", tc.benign_count)
+        benign = self.prompts(tc.benign, "benign", tc.benign_languages, "held-in", tc.benign_count)
         inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "harmful": _records_fingerprint(harmful),
                   "benign": _records_fingerprint(benign), "seed": c.seed}
 
@@ -231,7 +231,7 @@ class Pipeline:
                                batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
                                seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl",
                                benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
-                               resume=resume)
+                               benign_fraction=tc.benign_fraction, resume=resume)
                 results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}
