@@ -29,7 +29,8 @@ model: {model}
 out_dir: {tmp_path / 'runs'}
 languages: [en, zh]
 identify: {{per_language: 4, methods: [plnd, precise-shield], rho: 0.1, batch_size: 4}}
-validate: {{per_language: 2, controls: 1, max_new_tokens: 4, benign_guard: 2, batch_size: 4}}
+validate: {{per_language: 2, controls: 1, max_new_tokens: 4, benign_guard: 2, batch_size: 4,
+           suppress_mode: 'mean:benign'}}
 train: {{recipes: [precise-shield, random], per_language: 4, benign_count: 2, steps: 2, batch_size: 2,
         max_length: 96, budget: 0.05}}
 evaluate: {{harmful_per_language: 2, benign_per_language: 2, max_new_tokens: 4, batch_size: 4}}
@@ -48,6 +49,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path, tiny_folder: Path
     for stage in ("identify", "validate", "train", "evaluate"):
         assert (run / stage / "stage.json").is_file(), stage
     assert (run / "identify" / "plnd" / "ms_en.safetensors").is_file()
+    suppressed = json.loads((run / "validate" / "suppress-ms-en" / "validation.json").read_text())
+    assert suppressed["config"]["mode"] == "mean:en/text/benign"
     assert (run / "train" / "precise-shield" / "safety_patch.safetensors").is_file()
     evals = json.loads((run / "evaluate" / "stage.json").read_text())["outputs"]["evaluations"]
     assert set(evals) == {"base", "precise-shield", "random"}

@@ -258,3 +258,20 @@ def test_export_refuses_a_checkpoint_identical_to_base(tmp_path):
     res = save_merged(loaded, tmp_path / "m", base_digests=digests,
                       expect_changed=["model.layers.0.mlp.up_proj.weight"])
     assert res.tensors_changed == ["model.layers.0.mlp.up_proj.weight"] and res.reload_max_abs_diff == 0.0
+
+
+def test_output_parts_train_only_the_down_columns_of_ffn_neurons(tmp_path):
+    loaded = tiny_model("qwen2")
+    base = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    units = {"0.ffn": [1, 5], "1.ffn": [7]}
+    res = _train(loaded, "precise-shield", tmp_path, steps=2, neuron_set=_set(loaded, units), neuron_parts="output",
+                 lr=1e-2, export=False)
+    hidden = loaded.model.config.hidden_size
+    assert res.trainable_parameters == 3 * hidden  # one down_proj column per neuron
+    changed = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    diff = loaded.model.state_dict()["model.layers.0.mlp.down_proj.weight"] != base["model.layers.0.mlp.down_proj.weight"]
+    assert set(diff.any(dim=0).nonzero().flatten().tolist()) == {1, 5}
+    with pytest.raises(ValueError, match="parts='inputs'"):
+        _train(tiny_model("qwen2"), "precise-shield", tmp_path / "bad", neuron_set=_set(loaded, units),
+               neuron_parts="inputs")

@@ -35,6 +35,8 @@ class ValidateConfig:
     per_language: int = 10  # held-out harmful prompts per language
     controls: int = 2
     max_new_tokens: int = 32
+    # zero | mean:benign (each unit set to its mean on the language's benign prompts, from the statistics)
+    suppress_mode: str = "zero"
     reinforce_scale: float = 2.0
     benign_guard: int = 8  # benign prompts for the KL guard
     batch_size: int = 16
@@ -59,6 +61,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 256
     budget: float = 0.0003  # fraction of all parameters (Precise Shield: 0.03 %)
+    neuron_parts: str = "all"  # all | output (FFN: only the down_proj columns; see train.sparse)
 
 
 @dataclass

@@ -157,10 +157,19 @@ class Pipeline:
                   "harmful": {k: _records_fingerprint(v) for k, v in harmful.items()}}
         hr = c.high_resource[0]
         others = [lang for lang in langs if lang not in c.high_resource]
+        if vc.suppress_mode not in ("zero", "mean:benign"):
+            raise ValueError(f"validate.suppress_mode={vc.suppress_mode!r}: choose zero or mean:benign")
 
         def body(out: Path) -> dict[str, Any]:
+            from neuroshield.neurons.stats import ActivationStats
+
             loaded = self._loaded
             experiments: dict[str, str] = {}
+            stats = ActivationStats.load(self.run_dir / "identify" / "stats") if vc.suppress_mode != "zero" else None
+
+            def suppress(lang: str) -> str:
+                # mean:benign: the benign mean of the prompts' own language (text benign prompts, also for images)
+                return "zero" if vc.suppress_mode == "zero" else f"mean:{lang}/text/benign"
 
             def run(name: str, set_name: str, mode: str, prompts: list[PromptRecord]) -> None:
                 path = set_dir / f"{set_name}.safetensors"
@@ -174,17 +183,17 @@ class Pipeline:
                 validate(loaded, ns, prompts, mode=mode, controls=vc.controls, seed=c.seed,
                          max_new_tokens=vc.max_new_tokens, batch_size=vc.batch_size,
                          benign_guard=guard if name.startswith("suppress") else None, out_dir=out / name,
-                         cache_dir=out / "generations")  # shared: the no-intervention answers are generated once
+                         stats=stats, cache_dir=out / "generations")  # shared: no-intervention answers made once
                 experiments[name] = str(out / name / "validation.json")
 
             for modality in c.modalities:
                 sfx = "" if modality == "text" else f"_{modality}"
                 by_lang = {lang: [r for r in recs if r.modality == modality] for lang, recs in harmful.items()}
                 # (a) suppress the high-resource MS neurons on high-resource prompts
-                run(f"suppress-ms-{hr}{sfx}", f"ms_{hr}{sfx}", "zero", by_lang.get(hr, []))
+                run(f"suppress-ms-{hr}{sfx}", f"ms_{hr}{sfx}", suppress(hr), by_lang.get(hr, []))
                 # (b) suppress SS(lang) on each other language; (c) reinforce SS(lang) there
                 for lang in others:
-                    run(f"suppress-ss-{lang}{sfx}", f"ss_{lang}{sfx}", "zero", by_lang[lang])
+                    run(f"suppress-ss-{lang}{sfx}", f"ss_{lang}{sfx}", suppress(lang), by_lang[lang])
                 for lang in others:
                     run(f"reinforce-ss-{lang}{sfx}", f"ss_{lang}{sfx}", f"scale:{vc.reinforce_scale}", by_lang[lang])
             return {"experiments": experiments}
@@ -231,7 +240,7 @@ class Pipeline:
                                batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
                                seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl",
                                benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
-                               benign_fraction=tc.benign_fraction, resume=resume)
+                               benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts, resume=resume)
                 results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         weight_decay: float = typer.Option(0.0, help="AdamW weight decay (on the trainable tensors only)."),
         max_grad_norm: float = typer.Option(1.0, help="Gradient clipping (0: off)."),
         warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
+        parts: str = typer.Option("all", help="Neuron recipes: all (gate/up rows and down column of each FFN "
+                                  "neuron) | output (the down column only: the neuron fires as before)."),
         lora_r: int = typer.Option(16, help="LoRA rank."),
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),
         dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
@@ -90,7 +92,7 @@ def register(app: typer.Typer) -> None:
                 checkpoint_every=checkpoint_every, resume=resume, weight_decay=weight_decay,
                 max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, benign_fraction=benign_fraction,
                 benign_answers=benign_answers, benign_cache=cache, benign_max_new_tokens=benign_max_new_tokens,
-                use_references=use_references, lora_r=lora_r, lora_alpha=lora_alpha, export=export,
+                use_references=use_references, lora_r=lora_r, lora_alpha=lora_alpha, export=export, neuron_parts=parts,
                 mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
             )
         summary = result.to_dict()

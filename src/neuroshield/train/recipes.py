@@ -517,6 +517,7 @@ def train(
     lora_alpha: int = 32,
     lora_targets: Sequence[str] | None = None,
     delta_dtype: torch.dtype = torch.float32,
+    neuron_parts: str = "all",
     gradient_checkpointing: bool = False,
     export: bool = True,
     verify_export: bool = True,
@@ -595,7 +596,8 @@ def train(
             raise ValueError(f"neuron set {used_set.name!r} is empty: nothing to train")
         if acc.is_main_process:
             used_set.save(out / "neurons", loaded)
-        deltas = SparseDeltas(loaded.model, slices_from_neuron_set(loaded, used_set), dtype=delta_dtype)
+        deltas = SparseDeltas(loaded.model, slices_from_neuron_set(loaded, used_set, neuron_parts),
+                              dtype=delta_dtype)
         net: nn.Module = loaded.model
         wrapper = _Forward(net, deltas)
         updated = deltas.num_trainable()
@@ -630,6 +632,7 @@ def train(
         "max_grad_norm": max_grad_norm, "warmup_steps": warmup_steps, "benign_fraction": stream.fraction,
         "lora": [lora_r, lora_alpha, list(lora_targets or LORA_MODULES)] if recipe == "lora" else None,
         "delta_dtype": str(delta_dtype) if deltas is not None else None,
+        "neuron_parts": neuron_parts if deltas is not None else None,
     }
     config = {k: v for k, v in fingerprint.items() if k != "neurons"}
     config.update({"steps": steps, "checkpoint_every": checkpoint_every, "languages": list(languages or []),

@@ -65,14 +65,27 @@ def _key(param_name: str, axis: int) -> str:
     return f"{param_name.replace('.', '__')}__axis{axis}"
 
 
-def slices_from_neuron_set(loaded: Any, neuron_set: Any) -> list[SliceSpec]:
-    """The owned slices of every unit of `neuron_set` (a NeuronSet) in `loaded` (a LoadedModel)."""
+NEURON_PARTS = ("all", "output")
+
+
+def slices_from_neuron_set(loaded: Any, neuron_set: Any, parts: str = "all") -> list[SliceSpec]:
+    """The owned slices of every unit of `neuron_set` (a NeuronSet) in `loaded` (a LoadedModel).
+
+    `parts="all"`: every slice a unit owns (FFN: gate and up rows, down column). `parts="output"`: only
+    the slices of the module the unit is measured at (FFN: the down_proj column that writes the unit into
+    the residual stream; attention sites own one slice each anyway): the unit then fires on the same
+    inputs as before training, and only what it writes changes.
+    """
+    if parts not in NEURON_PARTS:
+        raise ValueError(f"parts={parts!r}: choose from {', '.join(NEURON_PARTS)}")
     neuron_set.check_model(loaded)
     sites = {s.key: s for s in resolve_sites(loaded.model, loaded.adapter, tuple(neuron_set.site_kinds()))}
     out: list[SliceSpec] = []
     for key, idx in neuron_set.units.items():
         site = sites[key]
         for owned in site.owned:
+            if parts == "output" and not owned.name.startswith(site.module_name + "."):
+                continue
             out.append(SliceSpec(owned.name, owned.axis, idx.clone()))
     return out
 
