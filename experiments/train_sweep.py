@@ -18,7 +18,8 @@ held-out split with the pipeline (`neuroshield run ... --set train.*=...`).
 The neuron sets come from the run's `identify/` folder (run the pipeline's identify stage first). Each
 setting is a comma-separated list of `key=value` among: recipe, lr, steps, benign (alpaca-seed |
 parallel-benign), benign_answers (self | reference), benign_count (per language for parallel-benign),
-benign_fraction, parts (all | output: train only the FFN neurons' down_proj columns). Results are
+benign_fraction, parts (all | output: train only the FFN neurons' down_proj columns), warmup (linear
+warm-up steps). Results are
 appended to `--out` as each setting finishes (an interrupted sweep keeps
 the settings it finished and skips them when run again).
 """
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 SETTING_KEYS = {"recipe": str, "lr": float, "steps": int, "benign": str, "benign_answers": str,
-                "benign_count": int, "benign_fraction": float, "parts": str}
+                "benign_count": int, "benign_fraction": float, "parts": str,
+                "warmup": int}
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting}: done earlier, skipped", flush=True)
             continue
         s = {"recipe": "precise-shield", "lr": tc.lr, "steps": tc.steps, "benign": tc.benign,
-             "benign_answers": tc.benign_answers, "benign_count": tc.benign_count, "benign_fraction": 0.5, "parts": tc.neuron_parts, **setting}
+             "benign_answers": tc.benign_answers, "benign_count": tc.benign_count, "benign_fraction": 0.5, "parts": tc.neuron_parts,
+             "warmup": tc.warmup_steps, **setting}
         loaded = pipe.base_model()
         if s["benign"] == "parallel-benign":  # the same held-in ids in every language
             benign = pipe.prompts("parallel-benign", "benign", langs, "held-in", s["benign_count"])
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_length=tc.max_length, seed=config.seed, out_dir=Path(args.work) / name,
                     benign_cache=cache, benign_answers=s["benign_answers"],
                     benign_max_new_tokens=tc.benign_max_new_tokens, benign_fraction=s["benign_fraction"],
-                    neuron_parts=s["parts"], export=False, resume=False, progress=False)
+                    neuron_parts=s["parts"], warmup_steps=s["warmup"], export=False, resume=False, progress=False)
         train_s = time.perf_counter() - start
         scr = screen(loaded)
         row = {"setting": setting, "resolved": s, "benign_prompts": len(benign),

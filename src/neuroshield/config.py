@@ -57,6 +57,7 @@ class TrainConfig:
     benign_max_new_tokens: int = 64
     steps: int = 30
     lr: float = 1e-3  # neuron recipes; lora and full use their recipe defaults (2e-4, 1e-5)
+    warmup_steps: int = 0  # linear warm-up of the learning rate
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256

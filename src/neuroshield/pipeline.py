@@ -240,7 +240,8 @@ class Pipeline:
                                batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
                                seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl",
                                benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
-                               benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts, resume=resume)
+                               benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts,
+                               warmup_steps=tc.warmup_steps, resume=resume)
                 results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}

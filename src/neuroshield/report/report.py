@@ -521,8 +521,9 @@ def _validate(run: Path) -> Section:
                        "refusal: control", "effect vs control (points)", "benign KL: set vs control"],
                       summary_rows,
                       "Refusal rate on harmful prompts without intervention (none), with the set's neurons intervened "
-                      "(set: `zero` suppresses them, `scale:α` multiplies their activations by α) and with random sets "
-                      "of the same size per layer (control: mean, ± sd when there are several); effect = set − control. "
+                      "(set: `zero` suppresses them, `mean:<group>` sets them to their mean on that group, `scale:α` "
+                      "multiplies their activations by α) and with random sets of the same size per layer (control: "
+                      "mean, ± sd when there are several); effect = set − control. "
                       "Benign KL: mean KL(base ‖ intervened) per answer token on the base model's answers to benign "
                       "prompts, set vs control mean (nats; large values mean the intervention also disturbs ordinary "
                       "answers).", [False, False, True, False, False, True, True, True, True, True, True],
