@@ -9,7 +9,7 @@ import torch
 
 import neuroshield.intervene.validate as V
 from neuroshield.data.records import PromptRecord
-from neuroshield.intervene.validate import sample_per_group, validate
+from neuroshield.intervene.validate import load_validation_prompts, validate
 from neuroshield.models.tiny import tiny_model
 from neuroshield.neurons.neuronset import NeuronSet
 
@@ -159,15 +159,16 @@ def test_mean_mode_and_errors(lm, neuron_set, tmp_path) -> None:
         validate(lm, NeuronSet({}, meta={"name": "e"}), PROMPTS, out_dir=tmp_path, judge=ByteJudge())
 
 
-def test_sample_per_group_is_parallel_and_spread() -> None:
-    recs = [PromptRecord(f"x/{c}/{i}", "t", lang, "harmful", category=c) for c in ("A", "B", "C")
-            for i in range(20) for lang in ("en", "de")]
-    picked = sample_per_group(recs, 6, seed=0)
+def test_validation_prompts_are_the_pipelines_held_out_pick() -> None:
+    from neuroshield.data.loaders import load_prompts
+    from neuroshield.neurons.splits import limit_per_group, select_split
+
+    source = "xsafety:Crimes_And_Illegal_Activities"
+    picked = load_validation_prompts(source, ["en", "de"], limit=6)
+    same = limit_per_group(select_split(load_prompts(source, languages=["en", "de"], label="harmful"), "held-out"), 6)
+    assert [(r.id, r.language) for r in picked] == [(r.id, r.language) for r in same]
     en = {r.id for r in picked if r.language == "en"}
-    de = {r.id for r in picked if r.language == "de"}
-    assert en == de and len(en) == 6
-    assert len({i.split("/")[1] for i in en}) > 1
-    assert sample_per_group(recs, 6, seed=0) == picked
+    assert en == {r.id for r in picked if r.language == "de"} and len(en) == 6
 
 
 def test_cli(lm, neuron_set, tmp_path) -> None:

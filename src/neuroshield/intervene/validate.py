@@ -574,36 +574,7 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def sample_per_group(records: Sequence[PromptRecord], limit: int | None, seed: int = 0) -> list[PromptRecord]:
-    """Up to `limit` prompts per (language, modality, label), spread over categories.
-
-    Ids are ranked by a stable hash of (seed, id), ids present in every language of the (modality, label)
-    first, so the same ids are picked in every language (parallel sets stay parallel) and the pick does
-    not take the first category only, as a natural-order cut of XSafety would. Input order is kept.
-    """
-    from neuroshield.neurons.splits import held_out_score
-
-    records = list(records)
-    if limit is None:
-        return records
-    if limit < 0:
-        raise ValueError(f"limit={limit}: must be >= 0")
-    ids: dict[tuple[str, str, str], set[str]] = {}
-    for r in records:
-        ids.setdefault(r.group, set()).add(r.id)
-    common: dict[tuple[str, str], set[str]] = {}
-    for (_, modality, label), group_ids in ids.items():
-        k = (modality, label)
-        common[k] = set(group_ids) if k not in common else common[k] & group_ids
-    keep: set[tuple[tuple[str, str, str], str]] = set()
-    for group, group_ids in ids.items():
-        shared = common[(group[1], group[2])]
-        ranked = sorted(group_ids, key=lambda i: (i not in shared, held_out_score(i, seed + 7919), i))
-        keep.update((group, i) for i in ranked[:limit])
-    return [r for r in records if (r.group, r.id) in keep]
-
-
-__all__ = ["validate", "ValidationResult", "Condition", "cached_generate", "sample_per_group", "set_fingerprint",
+__all__ = ["validate", "ValidationResult", "Condition", "cached_generate", "set_fingerprint",
            "weights_fingerprint", "prompt_key"]
 
 
@@ -619,14 +590,15 @@ def load_validation_prompts(
     sample_seed: int = 0,
     skip_missing_languages: bool = False,
 ) -> list[PromptRecord]:
-    """Prompts for validation: `load_prompts`, then the id split (`neurons.splits`), then `sample_per_group`.
+    """Prompts for validation: `load_prompts`, then the id split and `limit_per_group` (`neurons.splits`): the
+    same prompts as the pipeline's validation picks for the same split and limit.
 
     `split="held-out"` (default) keeps only ids disjoint from those neurons are identified on (the
     identification stage uses `held-in` with the same fraction and seed). With `skip_missing_languages`,
     languages a registered data set lacks are dropped with a warning instead of an error (benign guards).
     """
     from neuroshield.data.loaders import DATASETS, load_prompts
-    from neuroshield.neurons.splits import select_split
+    from neuroshield.neurons.splits import limit_per_group, select_split
 
     langs = list(languages) if languages else None
     if langs and skip_missing_languages:
@@ -647,7 +619,7 @@ def load_validation_prompts(
     else:
         records = load_prompts(source, languages=langs, label=label)
     records = select_split(records, split, held_out_fraction, split_seed)
-    return sample_per_group(records, limit, sample_seed)
+    return limit_per_group(records, limit, sample_seed)
 
 
 __all__ += ["load_validation_prompts"]
