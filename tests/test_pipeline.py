@@ -73,6 +73,12 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     path.write_text("train: {stepz: 3}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml.train: unknown key\(s\) \['stepz'\]"):
         load_config(path)
+    path.write_text("validate: {suppress_mode: mean}\n")
+    with pytest.raises(ConfigError, match="validate.suppress_mode 'mean': give zero or mean:benign"):
+        load_config(path)
+    path.write_text("train: {neuron_parts: rows}\n")
+    with pytest.raises(ConfigError, match="train.neuron_parts 'rows'"):
+        load_config(path)
     path.write_text("identify: {rho: high}\n")
     with pytest.raises(ConfigError, match="identify.rho: expected a number"):
         load_config(path)

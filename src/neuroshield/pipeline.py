@@ -157,8 +157,6 @@ class Pipeline:
                   "harmful": {k: _records_fingerprint(v) for k, v in harmful.items()}}
         hr = c.high_resource[0]
         others = [lang for lang in langs if lang not in c.high_resource]
-        if vc.suppress_mode not in ("zero", "mean:benign"):
-            raise ValueError(f"validate.suppress_mode={vc.suppress_mode!r}: choose zero or mean:benign")
 
         def body(out: Path) -> dict[str, Any]:
             from neuroshield.neurons.stats import ActivationStats
