@@ -19,7 +19,7 @@ The neuron sets come from the run's `identify/` folder (run the pipeline's ident
 setting is a comma-separated list of `key=value` among: recipe, lr, steps, benign (alpaca-seed |
 parallel-benign), benign_answers (self | reference), benign_count (per language for parallel-benign),
 benign_fraction, parts (all | output: train only the FFN neurons' down_proj columns), warmup (linear
-warm-up steps). Results are
+warm-up steps), budget (fraction of all parameters the neuron set is trimmed to). Results are
 appended to `--out` as each setting finishes (an interrupted sweep keeps
 the settings it finished and skips them when run again).
 """
@@ -37,7 +37,7 @@ from typing import Any
 
 SETTING_KEYS = {"recipe": str, "lr": float, "steps": int, "benign": str, "benign_answers": str,
                 "benign_count": int, "benign_fraction": float, "parts": str,
-                "warmup": int}
+                "warmup": int, "budget": float}
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -46,7 +46,8 @@ def parse_setting(text: str) -> dict[str, Any]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key not in SETTING_KEYS:
-            raise SystemExit(f"--settings {text!r}: {part!r} is not key=value with a key among {', '.join(SETTING_KEYS)}")
+            raise SystemExit(f"--settings {text!r}: {part!r} is not key=value with a key among "
+                             f"{', '.join(SETTING_KEYS)}")
         try:
             out[key] = SETTING_KEYS[key](value)
         except ValueError:
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
     result.update({"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
                    "config": str(args.config), "overrides": args.overrides, "judge": judge_info(judge),
-                   "max_new_tokens": args.max_new_tokens, "screen_harmful": len(screen_h), "screen_benign": len(screen_b),
-                   "train_harmful": len(harmful_train)})
+                   "max_new_tokens": args.max_new_tokens, "screen_harmful": len(screen_h),
+                   "screen_benign": len(screen_b), "train_harmful": len(harmful_train)})
     rows: list[dict[str, Any]] = result.setdefault("rows", [])
     if "base" not in result:
         start = time.perf_counter()
@@ -142,21 +143,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting}: done earlier, skipped", flush=True)
             continue
         s = {"recipe": "precise-shield", "lr": tc.lr, "steps": tc.steps, "benign": tc.benign,
-             "benign_answers": tc.benign_answers, "benign_count": tc.benign_count, "benign_fraction": 0.5, "parts": tc.neuron_parts,
-             "warmup": tc.warmup_steps, **setting}
+             "benign_answers": tc.benign_answers, "benign_count": tc.benign_count,
+             "benign_fraction": tc.benign_fraction, "parts": tc.neuron_parts, "warmup": tc.warmup_steps,
+             "budget": tc.budget, **setting}
         loaded = pipe.base_model()
         if s["benign"] == "parallel-benign":  # the same held-in ids in every language
             benign = pipe.prompts("parallel-benign", "benign", langs, "held-in", s["benign_count"])
         else:
             benign = pipe.prompts(s["benign"], "benign", ["en"], "held-in", s["benign_count"])
         cache = Path(args.work) / "benign_answers.jsonl"
-        if s["benign_answers"] == "self":  # generated once, in batches of --batch-size; train() then reads the cache
+        if s["benign_answers"] == "self":  # generated once, in batches of --batch-size; train() reads the cache
             self_answer_examples(loaded, benign, cache, max_new_tokens=tc.benign_max_new_tokens,
                                  batch_size=args.batch_size, progress=False, max_prompt_tokens=tc.max_length - 16)
         neuron_set = None
         if s["recipe"] in NEURON_RECIPES:
-            neuron_set = recipe_neuron_set(s["recipe"], loaded, set_dir, set_languages=langs, modalities=config.modalities,
-                                           high_resource=config.high_resource[0], budget=tc.budget, seed=config.seed)
+            neuron_set = recipe_neuron_set(s["recipe"], loaded, set_dir, set_languages=langs,
+                                           modalities=config.modalities, high_resource=config.high_resource[0],
+                                           budget=s["budget"], seed=config.seed)
         name = "-".join(f"{k}{v}" for k, v in sorted(setting.items())) or "default"
         start = time.perf_counter()
         res = train(loaded, s["recipe"], neuron_set=neuron_set, harmful=harmful_train, benign=benign,

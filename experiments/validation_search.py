@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             answers = generate_responses(loaded, records, max_new_tokens=args.max_new_tokens,
                                          batch_size=args.batch_size, progress=False)
             res = judge.judge_batch(answers, [r.language for r in records])
-        return {"p_refusal": statistics.fmean(r.score for r in res),
+        # mean_score: P(refusal) for the logprob judge; 1 / 0.25 / 0 per answer for the phrase judge
+        return {"mean_score": statistics.fmean(r.score for r in res),
                 "refusal_rate": sum(r.refused for r in res) / len(res)}
 
     def both() -> dict[str, dict[str, float]]:
@@ -112,19 +113,23 @@ def main(argv: list[str] | None = None) -> int:
                 for c in controls:
                     with intervene(loaded, c, spec, stats=stats):
                         ctrl.append(both())
+                metrics = ("mean_score", "refusal_rate")
                 row = {"method": method, "rho": rho, "mode": mode, "neurons": len(ns), "set": with_set,
                        "controls": ctrl,
-                       "control_mean": {k: {m: statistics.fmean(c[k][m] for c in ctrl) for m in ("p_refusal", "refusal_rate")}
+                       "control_mean": {k: {m: statistics.fmean(c[k][m] for c in ctrl) for m in metrics}
                                         for k in ("harmful", "benign")}}
                 rows.append(row)
                 h, cm = with_set["harmful"], row["control_mean"]["harmful"]
-                print(f"{args.kind} {method:15s} rho={rho:<5g} {mode:12s} n={len(ns):5d}  harmful P(refusal) set {h['p_refusal']:.3f} "
-                      f"control {cm['p_refusal']:.3f} (none {base['harmful']['p_refusal']:.3f});  benign set "
-                      f"{with_set['benign']['p_refusal']:.3f} control {row['control_mean']['benign']['p_refusal']:.3f} "
-                      f"(none {base['benign']['p_refusal']:.3f})", flush=True)
+                print(f"{args.kind} {method:15s} rho={rho:<5g} {mode:12s} n={len(ns):5d}  "
+                      f"harmful score set {h['mean_score']:.3f} control {cm['mean_score']:.3f} "
+                      f"(none {base['harmful']['mean_score']:.3f});  benign set {with_set['benign']['mean_score']:.3f} "
+                      f"control {row['control_mean']['benign']['mean_score']:.3f} "
+                      f"(none {base['benign']['mean_score']:.3f})", flush=True)
     result = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "model": loaded.model_id,
-              "language": lang, "kind": args.kind, "harmful_source": args.harmful, "stats": str(args.stats), "harmful_prompts": len(harmful), "benign_prompts": len(benign),
-              "judge": judge_info(judge), "max_new_tokens": args.max_new_tokens if args.judge == "phrase" else None, "none": base, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
+              "language": lang, "kind": args.kind, "harmful_source": args.harmful, "stats": str(args.stats),
+              "harmful_prompts": len(harmful), "benign_prompts": len(benign), "judge": judge_info(judge),
+              "max_new_tokens": args.max_new_tokens if args.judge == "phrase" else None, "none": base, "rows": rows,
+              "seconds": round(time.perf_counter() - start, 1),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

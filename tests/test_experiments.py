@@ -42,7 +42,7 @@ def test_validation_search_screens_sets_against_controls(tmp_path: Path) -> None
     assert [(r["method"], r["mode"]) for r in result["rows"]] == [
         ("plnd", "zero"), ("plnd", "mean:benign"), ("mean-diff", "zero"), ("mean-diff", "mean:benign")]
     row = result["rows"][0]
-    assert 0.0 <= row["set"]["harmful"]["p_refusal"] <= 1.0 and len(row["controls"]) == 1
+    assert 0.0 <= row["set"]["harmful"]["mean_score"] <= 1.0 and len(row["controls"]) == 1
     assert result["harmful_prompts"] == 3
 
 
