@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
-import torch
 
 from neuroshield.data.loaders import load_prompts
 from neuroshield.data.templates import load_parallel_benign
@@ -24,12 +24,16 @@ def _script(name: str):
     return module
 
 
-def test_validation_search_screens_sets_against_controls(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
+def _tiny_folder(tmp_path: Path) -> tuple[Any, Path]:
     lm = tiny_model("qwen2", layers=2, hidden=32, intermediate=64)
     folder = tmp_path / "tiny"
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
+    return lm, folder
+
+
+def test_validation_search_screens_sets_against_controls(tmp_path: Path, one_thread) -> None:
+    lm, folder = _tiny_folder(tmp_path)
     harmful = load_prompts("xsafety:Crimes_And_Illegal_Activities", languages=["en"], label="harmful")[:6]
     benign = [r for r in load_parallel_benign(["en"]) if r.label == "benign"][:6]
     identify(lm, harmful, benign, languages=["en"], method="plnd", rho=0.1, out_dir=tmp_path / "id", progress=False)
@@ -46,15 +50,11 @@ def test_validation_search_screens_sets_against_controls(tmp_path: Path) -> None
     assert result["harmful_prompts"] == 3
 
 
-def test_train_sweep_trains_each_setting_and_screens_held_in_prompts(tmp_path: Path) -> None:
+def test_train_sweep_trains_each_setting_and_screens_held_in_prompts(tmp_path: Path, one_thread) -> None:
     from neuroshield.config import load_config
     from neuroshield.pipeline import Pipeline
 
-    torch.set_num_threads(1)
-    lm = tiny_model("qwen2", layers=2, hidden=32, intermediate=64)
-    folder = tmp_path / "tiny"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
+    _, folder = _tiny_folder(tmp_path)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(f"""
 name: tiny
@@ -67,13 +67,16 @@ train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_ans
 """)
     Pipeline(load_config(cfg)).run(stages=("identify",))
     out = tmp_path / "sweep.json"
-    args = ["--config", str(cfg), "--settings", "lr=0.01", "benign=parallel-benign,benign_answers=self,benign_count=2",
+    args = ["--config", str(cfg), "--settings", "lr=0.01",
+            "benign=parallel-benign benign_answers=self benign_count=2 benign_languages=[en,zh]",
             "--screen-harmful", "2", "--screen-benign", "2", "--max-new-tokens", "3", "--work", str(tmp_path / "w"),
             "--out", str(out)]
     assert _script("train_sweep").main(args) == 0
     result = json.loads(out.read_text())
     assert [r["setting"] for r in result["rows"]] == [
-        {"lr": 0.01}, {"benign": "parallel-benign", "benign_answers": "self", "benign_count": 2}]
+        {"lr": 0.01},
+        {"benign": "parallel-benign", "benign_answers": "self", "benign_count": 2, "benign_languages": ["en", "zh"]}]
+    assert result["rows"][0]["train"]["lr"] == 0.01 and result["rows"][1]["train"]["benign_languages"] == ["en", "zh"]
     assert result["rows"][1]["benign_prompts"] == 4  # 2 per language, en and zh
     assert result["screen_harmful"] == 4 and result["screen_benign"] == 4
     trained_ids = {json.loads(line)["id"] for line in (tmp_path / "w" / "lr0.01" / "examples.jsonl").open()}

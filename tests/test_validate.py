@@ -160,13 +160,13 @@ def test_mean_mode_and_errors(lm, neuron_set, tmp_path) -> None:
 
 
 def test_validation_prompts_are_the_pipelines_held_out_pick() -> None:
-    from neuroshield.data.loaders import load_prompts
-    from neuroshield.neurons.splits import limit_per_group, select_split
+    from neuroshield.config import PipelineConfig
+    from neuroshield.pipeline import Pipeline
 
     source = "xsafety:Crimes_And_Illegal_Activities"
     picked = load_validation_prompts(source, ["en", "de"], limit=6)
-    same = limit_per_group(select_split(load_prompts(source, languages=["en", "de"], label="harmful"), "held-out"), 6)
-    assert [(r.id, r.language) for r in picked] == [(r.id, r.language) for r in same]
+    pipeline = Pipeline(PipelineConfig()).prompts(source, "harmful", ["en", "de"], "held-out", 6)
+    assert [(r.id, r.language) for r in picked] == [(r.id, r.language) for r in pipeline]
     en = {r.id for r in picked if r.language == "en"}
     assert en == {r.id for r in picked if r.language == "de"} and len(en) == 6
 

@@ -182,8 +182,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         raise ConfigError(f"{path}: held_out_fraction must be between 0 and 1")
     if config.validate.suppress_mode not in ("zero", "mean:benign"):
         raise ConfigError(f"{path}: validate.suppress_mode {config.validate.suppress_mode!r}: give zero or mean:benign")
-    if config.train.neuron_parts not in ("all", "output"):
-        raise ConfigError(f"{path}: train.neuron_parts {config.train.neuron_parts!r}: give all or output")
+    from neuroshield.train.sparse import NEURON_PARTS
+
+    if config.train.neuron_parts not in NEURON_PARTS:
+        raise ConfigError(f"{path}: train.neuron_parts {config.train.neuron_parts!r}: give {' or '.join(NEURON_PARTS)}")
     if not 0 <= config.train.benign_fraction <= 1:
         raise ConfigError(f"{path}: train.benign_fraction must be between 0 and 1")
     bad = [m for m in config.modalities if m not in ("text", "image")]

@@ -21,6 +21,7 @@ from typing import Any
 from neuroshield import __version__
 from neuroshield.neurons.stats import image_digest
 from neuroshield.config import PipelineConfig
+from neuroshield.models.loading import dtype_name
 from neuroshield.data.records import PromptRecord
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Pipeline:
         if self._loaded is None:
             self._loaded = self.base_model()
         # the config hash leaves the dtype out on purpose (sets transfer across dtypes); results do not
-        dtype = str(next(self._loaded.model.parameters()).dtype).replace("torch.", "")
+        dtype = dtype_name(self._loaded.model)
         return {"model": self.config.model, "model_id": self._loaded.model_id,
                 "config_hash": self._loaded.config_hash, "dtype": dtype, **self._loaded.info}
 
@@ -198,18 +199,45 @@ class Pipeline:
 
         return self._stage("validate", inputs, body)
 
-    def train(self, identified: dict[str, Any]) -> dict[str, Any]:
-        from neuroshield.train.recipes import recipe_neuron_set, train
-
-        c, tc = self.config, self.config.train
+    def train_data(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        """(harmful, benign) held-in training prompts as `train` configures them."""
+        tc = self.config.train
         harmful = [r for lang in tc.languages for r in self.harmful([lang], "held-in", tc.per_language)]
         benign = self.prompts(tc.benign, "benign", tc.benign_languages, "held-in", tc.benign_count)
+        return harmful, benign
+
+    def train_recipe(self, recipe: str, out_dir: Path, *, resume: bool = True, export: bool = True,
+                     progress: bool = True) -> tuple[Any, Any]:
+        """Train `recipe` from fresh base weights with the `train` config on `train_data()`; needs identify's
+        sets for the neuron recipes. Returns (the trained LoadedModel, its TrainResult). The base model's benign
+        answers are cached beside `out_dir` (shared by the recipes)."""
+        from neuroshield.train.recipes import NEURON_RECIPES, recipe_neuron_set, train
+
+        c, tc = self.config, self.config.train
+        harmful, benign = self.train_data()
+        loaded = self.base_model()  # every recipe starts from the base weights
+        neuron_set = None
+        if recipe in NEURON_RECIPES:
+            neuron_set = recipe_neuron_set(recipe, loaded, self.run_dir / "identify" / tc.method,
+                                           set_languages=c.languages, modalities=c.modalities,
+                                           high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed)
+        result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
+                       languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe in NEURON_RECIPES else None,
+                       batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
+                       seed=c.seed, out_dir=out_dir, benign_cache=out_dir.parent / "benign_answers.jsonl",
+                       benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
+                       benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts,
+                       warmup_steps=tc.warmup_steps, resume=resume, export=export, progress=progress)
+        return loaded, result
+
+    def train(self, identified: dict[str, Any]) -> dict[str, Any]:
+        c, tc = self.config, self.config.train
+        harmful, benign = self.train_data()
         inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "harmful": _records_fingerprint(harmful),
                   "benign": _records_fingerprint(benign), "seed": c.seed}
 
         def body(out: Path) -> dict[str, Any]:
             results: dict[str, Any] = {}
-            set_dir = self.run_dir / "identify" / tc.method
             for recipe in tc.recipes:
                 # a recipe finished with the same inputs is reused, so adding a recipe to the config trains
                 # only that one
@@ -226,20 +254,7 @@ class Pipeline:
                 resume = started.is_file() and json.loads(started.read_text()).get("fingerprint") == recipe_key
                 started.parent.mkdir(parents=True, exist_ok=True)
                 _write_json(started, {"fingerprint": recipe_key})
-                loaded = self.base_model()  # every recipe starts from the base weights
-                neuron_set = None
-                if recipe in ("precise-shield", "ss-expansion", "random"):
-                    neuron_set = recipe_neuron_set(recipe, loaded, set_dir, set_languages=c.languages,
-                                                   modalities=c.modalities,
-                                                   high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed)
-                result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
-                               languages=tc.languages, steps=tc.steps,
-                               lr=tc.lr if recipe in ("precise-shield", "ss-expansion", "random") else None,
-                               batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
-                               seed=c.seed, out_dir=out / recipe, benign_cache=out / "benign_answers.jsonl",
-                               benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
-                               benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts,
-                               warmup_steps=tc.warmup_steps, resume=resume)
+                _, result = self.train_recipe(recipe, out / recipe, resume=resume)
                 results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}

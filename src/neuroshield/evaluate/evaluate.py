@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield.data.records import PromptRecord
+from neuroshield.models.loading import dtype_name
 from neuroshield.evaluate.capability import (
     mgsm_cells,
     mgsm_prompt,
@@ -698,7 +699,7 @@ def evaluate(
         tag=tag or patch_tag(patch),
         model={"model_id": loaded.model_id, "spec": getattr(loaded, "spec", ""), "config_hash": model_hash,
                "weights_fingerprint": weights_fp,
-               "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+               "dtype": dtype_name(loaded.model),
                "device": str(getattr(loaded, "device", "")), **{k: v for k, v in getattr(loaded, "info", {}).items()
                                                                  if isinstance(v, (str, int, float))}},
         patch=None if patch is None else {"path": str(patch), "sha256": patch_hash},

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from neuroshield.models.chat import encode_chat
-from neuroshield.models.loading import LoadedModel, load_model
+from neuroshield.models.loading import LoadedModel, dtype_name, load_model
 from neuroshield.models.sites import count_parameters, neuron_summary
 
 
@@ -24,7 +24,7 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "attention": {"num_heads": geometry.num_heads, "num_kv_heads": geometry.num_kv_heads,
                       "head_dim": geometry.head_dim},
         "parameters": count_parameters(model),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype_name(model),
         "config_hash": loaded.config_hash,
         "sites": neuron_summary(model, loaded.adapter),
         "load_seconds": loaded.load_seconds,

@@ -60,6 +60,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("NEUROSHIELD_CACHE", Path.home() / ".cache" / "neuroshield"))
 
 
+def dtype_name(model: Any) -> str:
+    """The dtype of a model's parameters as a plain name ("float32", "bfloat16")."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
 def config_hash(config: Any) -> str:
     """Hash of the architecture-defining config, stable across saves and dtypes."""
     d = config.to_dict()

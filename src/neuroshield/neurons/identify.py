@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield.data.records import PromptRecord, group_name
-from neuroshield.models.loading import LoadedModel
+from neuroshield.models.loading import LoadedModel, dtype_name
 from neuroshield.models.sites import count_parameters, parse_site_key, resolve_sites
 from neuroshield.neurons.neuronset import NeuronSet
 from neuroshield.neurons.overlap import overlap_matrices, plot_layers, plot_overlap
@@ -97,7 +97,7 @@ def _stats_compatible(old: ActivationStats, loaded: LoadedModel, site_keys: list
         "positions": (old.meta.get("positions"), positions),
         "max_length": (old.meta.get("max_length"), max_length),
         "impact": (bool(old.meta.get("impact")), impact),
-        "dtype": (old.meta.get("dtype"), str(next(loaded.model.parameters()).dtype).replace("torch.", "")),
+        "dtype": (old.meta.get("dtype"), dtype_name(loaded.model)),
     }
     if impact:
         checks["qk_impact"] = (old.meta.get("qk_impact"), qk_impact)

@@ -52,7 +52,7 @@ from torch import nn
 from neuroshield.data.records import PromptRecord, group_name
 from neuroshield.models.chat import POSITIONS, batches_by_length
 from neuroshield.models.hooks import site_hooks
-from neuroshield.models.loading import LoadedModel
+from neuroshield.models.loading import LoadedModel, dtype_name
 from neuroshield.models.sites import Site, resolve_sites
 from neuroshield.models.vlm import encode_record, model_inputs
 
@@ -704,7 +704,7 @@ def collect_statistics(
         "impact": bool(collector.impact),
         "qk_impact": qk_impact if collector.impact else None,
         "attention": attn_impl,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype_name(model),
     }
     return ActivationStats(collector.tensors, meta)
 

@@ -33,6 +33,7 @@ import torch
 
 from neuroshield.data.records import PromptRecord
 from neuroshield.models.chat import EncodedPrompt, encode_chat
+from neuroshield.neurons.stats import image_digest
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +339,6 @@ def data_fingerprint(harmful: Sequence[EncodedExample], benign: Sequence[Encoded
     h = hashlib.sha256()
     for e in list(harmful) + list(benign):
         images = list(getattr(e.multimodal, "images", ()) or ()) if e.multimodal is not None else []
-        from neuroshield.neurons.stats import image_digest  # the picture, not its path
-
         h.update(json.dumps([e.id, e.language, e.label, list(e.input_ids), e.prompt_len,
                              [image_digest(str(i)) if isinstance(i, (str, os.PathLike)) else "in-memory"
                               for i in images]]).encode())
