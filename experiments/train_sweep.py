@@ -67,12 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="precise-shield")
     ap.add_argument("--screen-harmful", type=int, default=4, help="held-in harmful prompts per language to screen")
     ap.add_argument("--screen-benign", type=int, default=4, help="held-in benign prompts per language to screen")
+    ap.add_argument("--screen-at", default="", help="also screen at these steps during training, e.g. 12,24 "
+                    "(the row's `trajectory`; the final step is always screened)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=24)
     ap.add_argument("--work", default="runs/train-sweep", help="training output folders (checkpoints, examples)")
     ap.add_argument("--out", default="experiments/results/train_sweep.json")
     args = ap.parse_args(argv)
     settings = [parse_setting(s) for s in args.settings]
+    try:
+        screen_at = sorted({int(x) for x in args.screen_at.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--screen-at {args.screen_at!r}: give step numbers separated by commas, e.g. 12,24") from None
 
     from neuroshield.config import load_config
     from neuroshield.evaluate.generation import generate_responses
@@ -142,14 +148,31 @@ def main(argv: list[str] | None = None) -> int:
             continue
         name = "-".join(f"{k}{v}" for k, v in sorted(setting.items())).replace(" ", "") or "default"
         start = time.perf_counter()
+        trajectory: list[dict[str, Any]] = []
+        screened_s = 0.0
+        steps = pipe.config.train.steps
+
+        def on_step(step: int, rec: dict[str, float]) -> None:
+            nonlocal screened_s
+            if step in screen_at and step < steps:
+                t0 = time.perf_counter()
+                scr_mid = screen(loaded)
+                trajectory.append({"step": step, "loss": rec["loss"], **{k: scr_mid[k] for k in ("harmful", "benign")}})
+                screened_s += time.perf_counter() - t0
+                print(f"  step {step}: harmful refusal {scr_mid['harmful']['refusal_rate']:.3f}  benign refusal "
+                      f"{scr_mid['benign']['refusal_rate']:.3f}", flush=True)
+
+        loaded = pipe.base_model()  # trained in place: on_step screens it as it is at that step
         loaded, res = pipe.train_recipe(args.recipe, Path(args.work) / name, resume=False, export=False,
-                                        progress=False)
-        train_s = time.perf_counter() - start
+                                        progress=False, loaded=loaded, on_step=on_step)
+        train_s = time.perf_counter() - start - screened_s
         scr = screen(loaded)
+        trajectory.append({"step": steps, "loss": res.final_loss, **{k: scr[k] for k in ("harmful", "benign")}})
         row = {"setting": setting, "train": pipe.config.train.__dict__, "train_harmful": len(harmful),
                "benign_prompts": len(benign), "parameters_updated": res.parameters_updated,
                "final_loss": res.final_loss, "train_seconds": round(train_s, 1),
-               "screen_seconds": round(time.perf_counter() - start - train_s, 1), **scr}
+               "screen_seconds": round(time.perf_counter() - start - train_s, 1), **scr,
+               "trajectory": trajectory}
         rows.append(row)
         _write_atomic(out_path, result)
         h, bn = scr["harmful"]["refusal_rate"], scr["benign"]["refusal_rate"]

@@ -67,21 +67,68 @@ train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_ans
 """)
     Pipeline(load_config(cfg)).run(stages=("identify",))
     out = tmp_path / "sweep.json"
-    args = ["--config", str(cfg), "--settings", "lr=0.01",
+    args = ["--config", str(cfg), "--screen-at", "1", "--settings", "lr=0.01 steps=2",
             "benign=parallel-benign benign_answers=self benign_count=2 benign_languages=[en,zh]",
             "--screen-harmful", "2", "--screen-benign", "2", "--max-new-tokens", "3", "--work", str(tmp_path / "w"),
             "--out", str(out)]
     assert _script("train_sweep").main(args) == 0
     result = json.loads(out.read_text())
     assert [r["setting"] for r in result["rows"]] == [
-        {"lr": 0.01},
+        {"lr": 0.01, "steps": 2},
         {"benign": "parallel-benign", "benign_answers": "self", "benign_count": 2, "benign_languages": ["en", "zh"]}]
     assert result["rows"][0]["train"]["lr"] == 0.01 and result["rows"][1]["train"]["benign_languages"] == ["en", "zh"]
     assert result["rows"][1]["benign_prompts"] == 4  # 2 per language, en and zh
+    # screened at step 1 (--screen-at) and at the end; the 1-step setting only at its end
+    assert [t["step"] for t in result["rows"][0]["trajectory"]] == [1, 2]
+    assert [t["step"] for t in result["rows"][1]["trajectory"]] == [1]
+    assert result["rows"][0]["trajectory"][-1]["harmful"] == result["rows"][0]["harmful"]
     assert result["screen_harmful"] == 4 and result["screen_benign"] == 4
-    trained_ids = {json.loads(line)["id"] for line in (tmp_path / "w" / "lr0.01" / "examples.jsonl").open()}
+    trained_ids = {json.loads(line)["id"] for line in (tmp_path / "w" / "lr0.01-steps2" / "examples.jsonl").open()}
     screened = {e["id"] for e in result["base"]["examples"]}
     assert not trained_ids & screened  # nothing screened was trained on, in any language
     # a second run skips the finished settings
     assert _script("train_sweep").main(args) == 0
     assert len(json.loads(out.read_text())["rows"]) == 2
+
+
+def test_train_recipe_on_step_sees_the_weights_trained_so_far(tmp_path: Path, one_thread) -> None:
+    """What the sweep screens at step k is the model a k-step run ends with."""
+    import torch
+
+    from neuroshield.config import load_config
+    from neuroshield.models.chat import encode_chat
+    from neuroshield.pipeline import Pipeline
+
+    _, folder = _tiny_folder(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+name: tiny
+model: {folder}
+out_dir: {tmp_path / 'runs'}
+languages: [en]
+identify: {{per_language: 4, methods: [plnd], rho: 0.1, batch_size: 4}}
+train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_answers: reference, steps: 3,
+        batch_size: 2, max_length: 96, budget: 0.05, lr: 0.05, harmful: advbench}}
+""")
+    pipe = Pipeline(load_config(cfg))
+    pipe.run(stages=("identify",))
+    harmful, _ = pipe.train_data()
+    assert {r.source for r in harmful} == {"advbench"} and len(harmful) == 4  # train.harmful, held-in
+    assert not {r.id for r in harmful} & {r.id for r in pipe.harmful(["en"], "held-out", None, "advbench")}
+    ids = torch.tensor([encode_chat(pipe.base_model().tokenizer, "How are you?").input_ids])
+
+    def logits(loaded) -> torch.Tensor:
+        with torch.no_grad():
+            return loaded.model(input_ids=ids).logits[0, -1].clone()
+
+    seen: dict[int, torch.Tensor] = {}
+    loaded = pipe.base_model()
+    base = logits(loaded)
+    pipe.train_recipe("precise-shield", tmp_path / "three", export=False, progress=False, loaded=loaded,
+                      on_step=lambda step, rec: seen.__setitem__(step, logits(loaded)))
+    assert sorted(seen) == [1, 2, 3]
+    two = Pipeline(load_config(cfg, ["train.steps=2"]))
+    trained_two, _ = two.train_recipe("precise-shield", tmp_path / "two", export=False, progress=False)
+    assert not torch.allclose(seen[2], base, atol=1e-4)
+    torch.testing.assert_close(seen[2], logits(trained_two), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen[3], logits(loaded), atol=1e-4, rtol=1e-4)

@@ -79,6 +79,9 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     path.write_text("train: {neuron_parts: rows}\n")
     with pytest.raises(ConfigError, match="train.neuron_parts 'rows'"):
         load_config(path)
+    path.write_text("train: {harmful: advbnech}\n")
+    with pytest.raises(ConfigError, match="train.harmful 'advbnech': not a known data set"):
+        load_config(path)
     path.write_text("identify: {rho: high}\n")
     with pytest.raises(ConfigError, match="identify.rho: expected a number"):
         load_config(path)

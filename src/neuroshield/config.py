@@ -49,6 +49,7 @@ class TrainConfig:
     method: str = "plnd"
     languages: list[str] = field(default_factory=lambda: ["en"])  # supervision languages
     per_language: int = 24  # held-in harmful prompts per supervision language
+    harmful: str = ""  # harmful training source ("" = identify's first; e.g. advbench), split by prompt id
     benign: str = "alpaca-seed"
     benign_languages: list[str] = field(default_factory=lambda: ["en"])  # those the benign source has
     benign_count: int = 24  # held-in benign prompts per benign language
@@ -186,6 +187,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
 
     if config.train.neuron_parts not in NEURON_PARTS:
         raise ConfigError(f"{path}: train.neuron_parts {config.train.neuron_parts!r}: give {' or '.join(NEURON_PARTS)}")
+    if config.train.harmful:
+        from neuroshield.data.loaders import DATASETS
+
+        name = config.train.harmful.split(":", 1)[0]
+        if name not in DATASETS and not Path(config.train.harmful).expanduser().is_file():
+            raise ConfigError(f"{path}: train.harmful {config.train.harmful!r}: not a known data set "
+                              f"({', '.join(DATASETS)}) nor a file; empty uses identify's first harmful source")
     if not 0 <= config.train.benign_fraction <= 1:
         raise ConfigError(f"{path}: train.benign_fraction must be between 0 and 1")
     bad = [m for m in config.modalities if m not in ("text", "image")]

@@ -88,10 +88,11 @@ class Pipeline:
         records = select_split(records, split, self.config.held_out_fraction, self.config.seed)
         return limit_per_group(records, limit, self.config.seed)
 
-    def harmful(self, languages: list[str], split: str, limit: int | None) -> list[PromptRecord]:
-        """Held-in / held-out harmful prompts of the first harmful source, in every configured modality: image
-        records are the same prompts rendered FigStep-style (`runs/<name>/images`), same ids, same split."""
-        text = self.prompts(self.config.identify.harmful[0], "harmful", languages, split, limit)
+    def harmful(self, languages: list[str], split: str, limit: int | None, source: str = "") -> list[PromptRecord]:
+        """Held-in / held-out harmful prompts of `source` (default: the first harmful source of identify), in
+        every configured modality: image records are the same prompts rendered FigStep-style
+        (`runs/<name>/images`), same ids, same split."""
+        text = self.prompts(source or self.config.identify.harmful[0], "harmful", languages, split, limit)
         if "image" not in self.config.modalities:
             return text
         from neuroshield.data.typography import render_prompt_records
@@ -202,20 +203,26 @@ class Pipeline:
     def train_data(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """(harmful, benign) held-in training prompts as `train` configures them."""
         tc = self.config.train
-        harmful = [r for lang in tc.languages for r in self.harmful([lang], "held-in", tc.per_language)]
+        harmful = [r for lang in tc.languages for r in self.harmful([lang], "held-in", tc.per_language, tc.harmful)]
+        if not harmful:
+            raise ValueError(f"train.harmful {tc.harmful or self.config.identify.harmful[0]!r} has no held-in prompts in "
+                             f"train.languages {tc.languages}: choose a source that has these languages")
         benign = self.prompts(tc.benign, "benign", tc.benign_languages, "held-in", tc.benign_count)
         return harmful, benign
 
     def train_recipe(self, recipe: str, out_dir: Path, *, resume: bool = True, export: bool = True,
-                     progress: bool = True) -> tuple[Any, Any]:
+                     progress: bool = True, loaded: Any = None,
+                     on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[Any, Any]:
         """Train `recipe` from fresh base weights with the `train` config on `train_data()`; needs identify's
         sets for the neuron recipes. Returns (the trained LoadedModel, its TrainResult). The base model's benign
-        answers are cached beside `out_dir` (shared by the recipes)."""
+        answers are cached beside `out_dir` (shared by the recipes). `loaded`: the base model to train in place
+        (default: a fresh copy); `on_step(step, record)` runs after each optimizer step with the weights so far
+        in effect on `loaded` (the training sweep screens intermediate steps with it)."""
         from neuroshield.train.recipes import NEURON_RECIPES, recipe_neuron_set, train
 
         c, tc = self.config, self.config.train
         harmful, benign = self.train_data()
-        loaded = self.base_model()  # every recipe starts from the base weights
+        loaded = loaded if loaded is not None else self.base_model()  # every recipe starts from the base weights
         neuron_set = None
         if recipe in NEURON_RECIPES:
             neuron_set = recipe_neuron_set(recipe, loaded, self.run_dir / "identify" / tc.method,
@@ -227,7 +234,8 @@ class Pipeline:
                        seed=c.seed, out_dir=out_dir, benign_cache=out_dir.parent / "benign_answers.jsonl",
                        benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
                        benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts,
-                       warmup_steps=tc.warmup_steps, resume=resume, export=export, progress=progress)
+                       warmup_steps=tc.warmup_steps, resume=resume, export=export, progress=progress,
+                       on_step=on_step)
         return loaded, result
 
     def train(self, identified: dict[str, Any]) -> dict[str, Any]:
