@@ -172,6 +172,26 @@ def test_trim_to_budget(tiny):
     assert kept == all_scores[:5]
 
 
+def test_trim_by_layer_keeps_each_layers_share(tiny):
+    """plnd scores grow with depth: a trim by score keeps only the last layer, by layer it keeps the profile."""
+    lm, _ = tiny
+    per_unit = resolve_sites(lm.model, lm.adapter, ("ffn",))[0].params_per_unit
+    ns = NeuronSet({"0.ffn": torch.tensor([0, 1, 2, 3]), "1.ffn": torch.tensor([4, 5, 6, 7])},
+                   {"0.ffn": torch.tensor([1.0, 2.0, 3.0, 4.0]), "1.ffn": torch.tensor([10.0, 11.0, 12.0, 13.0])},
+                   {"name": "s", "model_id": lm.model_id, "config_hash": lm.config_hash})
+    by_score = trim_to_budget(ns, lm, max_parameters=4 * per_unit)
+    assert {k: sorted(v.tolist()) for k, v in by_score.units.items()} == {"1.ffn": [4, 5, 6, 7]}
+    by_layer = trim_to_budget(ns, lm, max_parameters=4 * per_unit, spread="layer")
+    assert {k: sorted(v.tolist()) for k, v in by_layer.units.items()} == {"0.ffn": [2, 3], "1.ffn": [6, 7]}
+    assert by_layer.meta["trim_spread"] == "layer"
+    # an odd budget: the leftover unit goes to a site, never over budget
+    odd = trim_to_budget(ns, lm, max_parameters=3 * per_unit, spread="layer")
+    assert len(odd) == 3 and odd.owned_parameters(lm) <= 3 * per_unit
+    assert trim_to_budget(ns, lm, 1.0, spread="layer").as_tuples() == ns.as_tuples()
+    with pytest.raises(ValueError, match="spread='depth'"):
+        trim_to_budget(ns, lm, 0.01, spread="depth")
+
+
 def test_a_set_does_not_load_on_another_model(tiny, tmp_path):
     lm, stats = tiny
     s = language_set(stats, lm, "plnd", "en", rho=0.1)

@@ -79,6 +79,12 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     path.write_text("train: {neuron_parts: rows}\n")
     with pytest.raises(ConfigError, match="train.neuron_parts 'rows'"):
         load_config(path)
+    path.write_text("train: {trim: depth}\n")
+    with pytest.raises(ConfigError, match="train.trim 'depth': give score or layer"):
+        load_config(path)
+    path.write_text("train: {set_languages: [en, xx]}\n")
+    with pytest.raises(ConfigError, match=r"train.set_languages \['xx'\] are not in languages"):
+        load_config(path)
     path.write_text("train: {harmful: advbnech}\n")
     with pytest.raises(ConfigError, match="train.harmful 'advbnech': not a known data set"):
         load_config(path)

@@ -47,6 +47,8 @@ class TrainConfig:
     enabled: bool = True
     recipes: list[str] = field(default_factory=lambda: ["precise-shield", "random"])
     method: str = "plnd"
+    # precise-shield trains the union of these languages' MS sets (empty: every configured language)
+    set_languages: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=lambda: ["en"])  # supervision languages
     per_language: int = 24  # held-in harmful prompts per supervision language
     harmful: str = ""  # harmful training source ("" = identify's first; e.g. advbench), split by prompt id
@@ -63,6 +65,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 256
     budget: float = 0.0003  # fraction of all parameters (Precise Shield: 0.03 %)
+    trim: str = "score"  # how the budget trims the set: score (best overall) | layer (each layer keeps its share)
     neuron_parts: str = "all"  # all | output (FFN: only the down_proj columns; see train.sparse)
 
 
@@ -187,6 +190,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
 
     if config.train.neuron_parts not in NEURON_PARTS:
         raise ConfigError(f"{path}: train.neuron_parts {config.train.neuron_parts!r}: give {' or '.join(NEURON_PARTS)}")
+    from neuroshield.neurons.selection import TRIM_SPREADS
+
+    if config.train.trim not in TRIM_SPREADS:
+        raise ConfigError(f"{path}: train.trim {config.train.trim!r}: give {' or '.join(TRIM_SPREADS)}")
+    unknown = [lang for lang in config.train.set_languages if lang not in config.languages]
+    if unknown:
+        raise ConfigError(f"{path}: train.set_languages {unknown} are not in languages {config.languages} (identify "
+                          "finds sets only for those)")
     if config.train.harmful:
         from neuroshield.data.loaders import DATASETS
 

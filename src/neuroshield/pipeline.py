@@ -226,8 +226,9 @@ class Pipeline:
         neuron_set = None
         if recipe in NEURON_RECIPES:
             neuron_set = recipe_neuron_set(recipe, loaded, self.run_dir / "identify" / tc.method,
-                                           set_languages=c.languages, modalities=c.modalities,
-                                           high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed)
+                                           set_languages=tc.set_languages or c.languages, modalities=c.modalities,
+                                           high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed,
+                                           trim=tc.trim)
         result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
                        languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe in NEURON_RECIPES else None,
                        batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,

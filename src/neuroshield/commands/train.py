@@ -22,6 +22,8 @@ def register(app: typer.Typer) -> None:
         like: str = typer.Option("precise-shield", help="random: the recipe whose set the control copies."),
         high_resource: str = typer.Option("en", help="ss-expansion: the high-resource language."),
         budget: float = typer.Option(0.0003, help="precise-shield: parameter budget as a fraction of all."),
+        trim: str = typer.Option("score", help="precise-shield: how the budget trims the set: score (best scores "
+                                 "overall) | layer (each layer keeps its share)."),
         languages: str = typer.Option("en", help="Languages of the harmful training prompts (comma-separated)."),
         harmful: str = typer.Option("xsafety", help="Harmful prompts: a data set name or a file."),
         harmful_split: str = typer.Option("held-in", help="held-in | held-out | all (split by prompt id)."),
@@ -84,7 +86,7 @@ def register(app: typer.Typer) -> None:
             if recipe in NEURON_RECIPES:
                 ns = recipe_neuron_set(recipe, loaded, set_path, set_languages=split_list(set_languages),
                                        modalities=split_list(modalities) or ["text"], high_resource=high_resource,
-                                       budget=budget, like=like, seed=seed)
+                                       budget=budget, like=like, seed=seed, trim=trim)
             cache = Path(benign_cache) if benign_cache else out.parent / "benign-answers.jsonl"
             result = train(
                 loaded, recipe, neuron_set=ns, harmful=harm, benign=ben, languages=langs, steps=steps, lr=lr,

@@ -267,6 +267,26 @@ def combine(sets: Sequence[NeuronSet], how: str = "union", name: str | None = No
     return out
 
 
+TRIM_SPREADS = ("score", "layer")
+
+
+def _layer_quota(ns: NeuronSet, sites: dict[str, Any], budget: int) -> dict[str, int]:
+    """Units per site so that each site keeps its share of the set's parameters within `budget`."""
+    cost = {k: sites[k].params_per_unit for k in ns.units}
+    owned = {k: ns.units[k].numel() * cost[k] for k in ns.units}
+    total = sum(owned.values())
+    if total <= budget:
+        return {k: ns.units[k].numel() for k in ns.units}
+    exact = {k: budget * owned[k] / total / cost[k] for k in ns.units}
+    quota = {k: int(math.floor(v)) for k, v in exact.items()}
+    left = budget - sum(quota[k] * cost[k] for k in quota)
+    for k in sorted(exact, key=lambda k: (quota[k] - exact[k], k)):  # largest remainder first
+        if cost[k] <= left and quota[k] < ns.units[k].numel():
+            quota[k] += 1
+            left -= cost[k]
+    return quota
+
+
 def trim_to_budget(
     ns: NeuronSet,
     loaded: LoadedModel,
@@ -275,14 +295,20 @@ def trim_to_budget(
     max_parameters: int | None = None,
     seed: int = 0,
     name: str | None = None,
+    spread: str = "score",
 ) -> NeuronSet:
     """The highest-scoring neurons of `ns` whose owned parameters total ≤ `fraction` × all parameters.
 
-    Neurons are taken greedily in score order (|score| for contrast methods; ties seeded); one that
-    does not fit is skipped, and cheaper ones after it may still be taken. Scores of different site
-    kinds are compared as they are (plnd scores are all norms of output changes, precise-shield
-    scores are shares of a layer). `max_parameters` overrides the fraction.
+    `spread="score"`: neurons are taken greedily in score order over the whole set (|score| for contrast
+    methods; ties seeded); one that does not fit is skipped, and cheaper ones after it may still be taken.
+    Scores of different sites are compared as they are: plnd scores are norms of output changes, which
+    grow with depth, so such a trim keeps mostly the last layers. `spread="layer"`: each site (layer and
+    kind) keeps its share of the set's parameters, its best-scoring neurons first (largest remainders
+    get the leftover units), so the trimmed set has the set's depth profile. `max_parameters` overrides
+    the fraction.
     """
+    if spread not in TRIM_SPREADS:
+        raise ValueError(f"spread={spread!r}: give {' or '.join(TRIM_SPREADS)}")
     ns.check_model(loaded)
     if not ns.units:
         return NeuronSet({}, {}, {**ns.meta, "name": name or f"{ns.name}-budget"})
@@ -307,18 +333,19 @@ def trim_to_budget(
             rank = abs(s) if contrast else s
             entries.append((-(rank if not math.isnan(rank) else -math.inf), t, key, u, s))
     entries.sort()
+    quota = _layer_quota(ns, sites, budget) if spread == "layer" else None
     used = 0
     units: dict[str, list[int]] = {}
     scores: dict[str, list[float]] = {}
     for _, _, key, u, s in entries:
         cost = sites[key].params_per_unit
-        if used + cost > budget:
+        if used + cost > budget or (quota is not None and len(units.get(key, ())) >= quota[key]):
             continue
         used += cost
         units.setdefault(key, []).append(u)
         scores.setdefault(key, []).append(s)
     meta = {k: v for k, v in ns.meta.items() if k not in ("by_kind", "by_layer", "format")}
-    meta.update({"name": name or f"{ns.name}-budget", "trimmed_from": ns.name, "budget_fraction":
+    meta.update({"name": name or f"{ns.name}-budget", "trimmed_from": ns.name, "trim_spread": spread, "budget_fraction":
                  None if max_parameters is not None else fraction, "budget_parameters": budget,
                  "total_parameters": total})
     out = NeuronSet({k: torch.tensor(v, dtype=torch.long) for k, v in units.items()},
@@ -329,4 +356,4 @@ def trim_to_budget(
 
 
 __all__ = ["units_per_site", "ranked_units", "top_units", "select_units", "language_set", "monolingual_sets",
-           "shared_sets", "combine", "trim_to_budget", "split_by_id"]
+           "shared_sets", "combine", "trim_to_budget", "TRIM_SPREADS", "split_by_id"]

@@ -111,52 +111,24 @@ def find_set_files(folder: str | Path, languages: Sequence[str] | None = None,
     return out
 
 
-def trim_set(ns: NeuronSet, loaded: Any, fraction: float) -> NeuronSet:
-    """Trim `ns` to `fraction` of all parameters by score (`neurons.selection.trim_to_budget`)."""
-    try:
-        from neuroshield.neurons.selection import trim_to_budget
-    except ImportError:  # selection stage not installed in this build: the same rule, here
-        return _trim_by_score(ns, loaded, fraction)
-    return trim_to_budget(ns, loaded, fraction)
+def trim_set(ns: NeuronSet, loaded: Any, fraction: float, spread: str = "score") -> NeuronSet:
+    """Trim `ns` to `fraction` of all parameters (`neurons.selection.trim_to_budget`; `spread` score | layer)."""
+    from neuroshield.neurons.selection import trim_to_budget
 
-
-def _trim_by_score(ns: NeuronSet, loaded: Any, fraction: float) -> NeuronSet:
-    from neuroshield.models.sites import resolve_sites
-
-    budget = int(fraction * count_parameters(loaded.model))
-    if ns.owned_parameters(loaded) <= budget:
-        return ns
-    sites = {s.key: s for s in resolve_sites(loaded.model, loaded.adapter, tuple(ns.site_kinds()))}
-    ranked = []
-    for key, idx in ns.units.items():
-        sc = ns.scores.get(key)
-        for j, u in enumerate(idx.tolist()):
-            ranked.append((-(float(sc[j]) if sc is not None else 0.0), key, u))
-    ranked.sort()
-    chosen: dict[str, list[int]] = {}
-    used = 0
-    for _, key, u in ranked:
-        cost = sites[key].params_per_unit
-        if used + cost > budget:
-            continue
-        chosen.setdefault(key, []).append(u)
-        used += cost
-    units = {k: torch.tensor(v) for k, v in chosen.items()}
-    scores = {k: torch.tensor([float(ns.scores[k][ns.units[k].tolist().index(u)]) for u in v])
-              for k, v in chosen.items() if k in ns.scores}
-    return NeuronSet(units, scores, {**ns.meta, "name": f"{ns.name}-budget{fraction:g}", "budget": fraction})
+    return trim_to_budget(ns, loaded, fraction, spread=spread)
 
 
 def recipe_neuron_set(
     recipe: str, loaded: Any, source: NeuronSet | str | Path | Sequence[str | Path], *,
     set_languages: Sequence[str] | None = None, modalities: Sequence[str] = ("text",),
     high_resource: str = DEFAULT_HIGH_RESOURCE, budget: float | None = DEFAULT_BUDGET, like: str = "precise-shield",
-    seed: int = 0,
+    seed: int = 0, trim: str = "score",
 ) -> NeuronSet:
     """The neuron set a recipe trains, from a set, a set file, several files, or a folder of MS sets.
 
     * `precise-shield`: union over `set_languages` x `modalities` (folder: every language found), trimmed
-      to `budget` (fraction of all parameters; None = no trimming).
+      to `budget` (fraction of all parameters; None = no trimming) by `trim` (score: the best scores over
+      the whole set; layer: each layer keeps its share, see `neurons.selection.trim_to_budget`).
     * `ss-expansion`: the `high_resource` MS set (folder) or the given set, untrimmed unless `budget`.
     * `random`: `random_like` of the set that recipe `like` would train (same count per layer and site).
     """
@@ -165,7 +137,7 @@ def recipe_neuron_set(
     if recipe == "random":
         base = recipe_neuron_set(like, loaded, source, set_languages=set_languages, modalities=modalities,
                                  high_resource=high_resource, budget=budget if like == "precise-shield" else None,
-                                 seed=seed)
+                                 seed=seed, trim=trim)
         return random_like(base, loaded, seed)
     if isinstance(source, NeuronSet):
         sets = [source]
@@ -188,7 +160,7 @@ def recipe_neuron_set(
         ns.meta.setdefault("config_hash", loaded.config_hash)
     ns.check_model(loaded)
     if budget is not None and (recipe == "precise-shield" or budget != DEFAULT_BUDGET):
-        ns = trim_set(ns, loaded, budget)
+        ns = trim_set(ns, loaded, budget, trim)
     ns.meta["recipe"] = recipe
     return ns
 
