@@ -54,9 +54,33 @@ def _write_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _first_per_language(records: list[Any], langs: list[str], n: int, skip_ids: set[str]) -> list[Any]:
-    kept = [r for r in records if r.id not in skip_ids]
-    return [r for lang in langs for r in [x for x in kept if x.language == lang][:n]]
+def _last_per_language(records: list[Any], langs: list[str], n: int, seed: int) -> list[Any]:
+    """The `n` last-ranked records per language under `limit_per_group`'s ranking (training picks the first)."""
+    from neuroshield.neurons.splits import limit_per_group
+
+    out = []
+    for lang in langs:
+        group = [r for r in records if r.language == lang]
+        first = {r.id for r in limit_per_group(group, max(0, len(group) - n), seed)}
+        out += [r for r in group if r.id not in first]
+    return out
+
+
+def _key(r: Any) -> str:
+    return f"{r['label'] if isinstance(r, dict) else r.label}/{r['language'] if isinstance(r, dict) else r.language}/" \
+           f"{r['id'] if isinstance(r, dict) else r.id}"
+
+
+def _rates(examples: list[dict[str, Any]], langs: list[str]) -> dict[str, Any]:
+    """Refusal rate per label (harmful, benign), overall and per language, of judged examples."""
+    out: dict[str, Any] = {}
+    for role in ("harmful", "benign"):
+        rows = [e for e in examples if e["label"] == role]
+        per = {lang: statistics.fmean(e["refused"] for e in rows if e["language"] == lang) for lang in langs
+               if any(e["language"] == lang for e in rows)}
+        out[role] = {"refusal_rate": statistics.fmean(e["refused"] for e in rows) if rows else float("nan"),
+                     "n": len(rows), "per_language": per}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,33 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     judge = RefusalPhraseJudge()
     langs = list(config.languages)
 
-    # screening prompts: held-in, and no id any setting trains on (XSafety and the benign set are parallel,
-    # so not a translation of a trained prompt either)
+    # screening prompts: held-in, the *last* ones of the split's ranking in every language, so that they are
+    # the same whatever the settings (training takes the first ones); no id any setting trains on (XSafety and
+    # the benign set are parallel, so not a translation of a trained prompt either)
     data = [p.train_data() for p in pipes]
-    trained = {r.id for h, b in data for r in h + b}
-    most_harmful = max(p.config.train.per_language for p in pipes)
-    screen_h = _first_per_language(base_pipe.harmful(langs, "held-in", most_harmful + args.screen_harmful), langs,
-                                   args.screen_harmful, trained)
-    most_benign = max([p.config.train.benign_count for p in pipes if p.config.train.benign == "parallel-benign"] or [0])
-    screen_b = _first_per_language(base_pipe.prompts("parallel-benign", "benign", langs, "held-in",
-                                                     most_benign + args.screen_benign), langs, args.screen_benign,
-                                   trained)
+    pool_h = base_pipe.harmful(langs, "held-in", None)
+    pool_b = base_pipe.prompts("parallel-benign", "benign", langs, "held-in", None)
+    screen_h = _last_per_language(pool_h, langs, args.screen_harmful, config.seed)
+    screen_b = _last_per_language(pool_b, langs, args.screen_benign, config.seed)
+    screened = {r.id for r in screen_h + screen_b}
+    for setting, (h, bn) in zip(settings, data):
+        clash = sorted({r.id for r in h + bn} & screened)
+        if clash:
+            raise SystemExit(f"setting {setting}: trains on {len(clash)} screened prompt(s) ({clash[0]}, ...): lower "
+                             "per_language / benign_count or --screen-harmful / --screen-benign")
 
-    def screen(loaded: Any) -> dict[str, Any]:
-        recs = screen_h + screen_b
+    def screen(loaded: Any, recs: list[Any] | None = None) -> dict[str, Any]:
+        recs = screen_h + screen_b if recs is None else recs
         answers = generate_responses(loaded, recs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      progress=False)
-        verdicts = judge.judge_batch(answers, [r.language for r in recs])
-        out: dict[str, Any] = {}
-        for role in ("harmful", "benign"):
-            rows = [(r, v) for r, v in zip(recs, verdicts) if r.label == role]
-            per = {lang: statistics.fmean(v.refused for r, v in rows if r.language == lang) for lang in langs
-                   if any(r.language == lang for r, _ in rows)}
-            out[role] = {"refusal_rate": statistics.fmean(v.refused for _, v in rows), "n": len(rows),
-                         "per_language": per}
-        out["examples"] = [{"id": r.id, "language": r.language, "label": r.label, "refused": v.refused,
-                            "answer": a} for r, v, a in zip(recs, verdicts, answers)]
-        return out
+        examples = [{"id": r.id, "language": r.language, "label": r.label, "refused": v.refused, "answer": a}
+                    for r, v, a in zip(recs, judge.judge_batch(answers, [r.language for r in recs]), answers)]
+        return {**_rates(examples, langs), "examples": examples}
 
     out_path = Path(args.out)
     result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -134,10 +153,23 @@ def main(argv: list[str] | None = None) -> int:
                    "judge": judge_info(judge), "max_new_tokens": args.max_new_tokens,
                    "screen_harmful": len(screen_h), "screen_benign": len(screen_b)})
     rows: list[dict[str, Any]] = result.setdefault("rows", [])
-    if "base" not in result:
+    # the base model's answer to every prompt any row screened: each row is compared with the base model on its
+    # own prompts (rows of earlier versions of this script screened other benign prompts)
+    base_answers: dict[str, Any] = result.setdefault("base_answers", {})
+    pool = {_key(r): r for r in pool_h + pool_b}
+    wanted = [_key(r) for r in screen_h + screen_b] + [_key(e) for row in rows for e in row["examples"]]
+    missing = [pool[k] for k in dict.fromkeys(wanted) if k not in base_answers and k in pool]
+    if missing:
         start = time.perf_counter()
-        result["base"] = {**screen(base_pipe.base_model()), "seconds": round(time.perf_counter() - start, 1)}
-        _write_atomic(out_path, result)
+        for e in screen(base_pipe.base_model(), missing)["examples"]:
+            base_answers[_key(e)] = {"refused": e["refused"], "answer": e["answer"]}
+        print(f"base answers to {len(missing)} prompts: {time.perf_counter() - start:.0f}s", flush=True)
+    for row in rows:
+        row["base"] = _rates([{**e, **base_answers[_key(e)]} for e in row["examples"]], langs)
+    result["base"] = _rates([{"id": r.id, "language": r.language, "label": r.label, **base_answers[_key(r)]}
+                             for r in screen_h + screen_b], langs)
+    result.pop("base_examples", None)
+    _write_atomic(out_path, result)
     b = result["base"]
     print(f"base: harmful refusal {b['harmful']['refusal_rate']:.3f}  benign refusal {b['benign']['refusal_rate']:.3f}",
           flush=True)
@@ -172,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                "benign_prompts": len(benign), "parameters_updated": res.parameters_updated,
                "final_loss": res.final_loss, "train_seconds": round(train_s, 1),
                "screen_seconds": round(time.perf_counter() - start - train_s, 1), **scr,
-               "trajectory": trajectory}
+               "trajectory": trajectory, "base": b}
         rows.append(row)
         _write_atomic(out_path, result)
         h, bn = scr["harmful"]["refusal_rate"], scr["benign"]["refusal_rate"]

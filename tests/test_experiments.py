@@ -84,11 +84,24 @@ train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_ans
     assert result["rows"][0]["trajectory"][-1]["harmful"] == result["rows"][0]["harmful"]
     assert result["screen_harmful"] == 4 and result["screen_benign"] == 4
     trained_ids = {json.loads(line)["id"] for line in (tmp_path / "w" / "lr0.01-steps2" / "examples.jsonl").open()}
-    screened = {e["id"] for e in result["base"]["examples"]}
+    screened = {e["id"] for e in result["rows"][0]["examples"]}
     assert not trained_ids & screened  # nothing screened was trained on, in any language
-    # a second run skips the finished settings
+    # each row has the base model's refusal on its own prompts
+    assert result["rows"][0]["base"]["harmful"]["n"] == 4 and set(result["base_answers"]) == {
+        f"{e['label']}/{e['language']}/{e['id']}" for e in result["rows"][0]["examples"]}
+    # a second run skips the finished settings; another setting is screened on the same prompts
     assert _script("train_sweep").main(args) == 0
     assert len(json.loads(out.read_text())["rows"]) == 2
+    other = ["--config", str(cfg), "--settings", "lr=0.02 benign_count=1", *args[args.index("--screen-harmful"):]]
+    assert _script("train_sweep").main(other) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(e["id"], e["language"]) for e in rows[2]["examples"]] == [(e["id"], e["language"]) for e in rows[0]["examples"]]
+    # a setting that would train on a screened prompt is refused
+    import pytest
+
+    with pytest.raises(SystemExit, match="trains on"):
+        _script("train_sweep").main(["--config", str(cfg), "--settings", "benign=parallel-benign benign_count=40",
+                                     *args[args.index("--screen-harmful"):]])
 
 
 def test_train_recipe_on_step_sees_the_weights_trained_so_far(tmp_path: Path, one_thread) -> None:
