@@ -83,11 +83,31 @@ def _rates(examples: list[dict[str, Any]], langs: list[str]) -> dict[str, Any]:
     return out
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """One line per row: setting, parameters, refusal (%) at each screened step and its change from the base
+    model on the same prompts, training seconds."""
+    lines = ["| setting (train.<key>=value) | parameters | harmful refusal, base -> by step (Δ at end) | "
+             "benign refusal, base -> by step (Δ at end) | train s |", "|---|---|---|---|---|"]
+    for row in result.get("rows", []):
+        if "base" not in row:
+            continue
+        cells = []
+        for role in ("harmful", "benign"):
+            base = 100 * row["base"][role]["refusal_rate"]
+            steps = row.get("trajectory") or [{"step": row["train"]["steps"], role: row[role]}]
+            path = ", ".join(f"{t['step']}: {100 * t[role]['refusal_rate']:.1f}" for t in steps)
+            cells.append(f"{base:.1f} -> {path} ({100 * row[role]['refusal_rate'] - base:+.1f})")
+        setting = " ".join(f"{k}={json.dumps(v).replace(' ', '')}" for k, v in row["setting"].items())
+        lines.append(f"| {setting} | {row['parameters_updated']:,} | {cells[0]} | {cells[1]} | {row['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="pipeline YAML whose run folder holds identify/")
+    ap.add_argument("--config", help="pipeline YAML whose run folder holds identify/ (required unless --table)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
-    ap.add_argument("--settings", nargs="+", required=True, help="one training setting per argument (see above)")
+    ap.add_argument("--settings", nargs="+", help="one training setting per argument (see above)")
+    ap.add_argument("--table", action="store_true", help="print the rows of --out as a Markdown table and stop")
     ap.add_argument("--recipe", default="precise-shield")
     ap.add_argument("--screen-harmful", type=int, default=4, help="held-in harmful prompts per language to screen")
     ap.add_argument("--screen-benign", type=int, default=4, help="held-in benign prompts per language to screen")
@@ -98,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="runs/train-sweep", help="training output folders (checkpoints, examples)")
     ap.add_argument("--out", default="experiments/results/train_sweep.json")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return 0
+    if not args.settings or not args.config:
+        ap.error("--config and --settings are required (or --table)")
     settings = [parse_setting(s) for s in args.settings]
     try:
         screen_at = sorted({int(x) for x in args.screen_at.split(",") if x.strip()})

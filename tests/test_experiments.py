@@ -96,6 +96,8 @@ train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_ans
     assert _script("train_sweep").main(other) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(e["id"], e["language"]) for e in rows[2]["examples"]] == [(e["id"], e["language"]) for e in rows[0]["examples"]]
+    table = _script("train_sweep").markdown_table(json.loads(out.read_text()))
+    assert table.count("\n") == 4 and "| lr=0.01 steps=2 |" in table and "1: " in table
     # a setting that would train on a screened prompt is refused
     import pytest
 

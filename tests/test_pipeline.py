@@ -178,3 +178,21 @@ def test_changed_training_settings_do_not_resume_stale_checkpoints(tmp_path: Pat
     Pipeline(config).run()
     summary = json.loads((config.run_dir / "train" / "precise-shield" / "summary.json").read_text())
     assert summary["steps_done"] == 2 and summary["resumed_from"] is None
+
+
+def test_a_neuron_only_change_does_not_train_lora_again(tmp_path: Path, tiny_folder: Path) -> None:
+    config = _config(tmp_path, tiny_folder)
+    config.validate.enabled = False
+    config.evaluate.enabled = False
+    config.train.recipes = ["precise-shield", "lora"]
+    Pipeline(config).run()
+    out = config.run_dir / "train"
+    before = {r: (out / r / "summary.json").stat().st_mtime_ns for r in ("precise-shield", "lora")}
+    config.train.lr = 0.02  # the neuron recipes' learning rate: LoRA is reused
+    Pipeline(config).run()
+    after = {r: (out / r / "summary.json").stat().st_mtime_ns for r in ("precise-shield", "lora")}
+    assert after["lora"] == before["lora"] and after["precise-shield"] != before["precise-shield"]
+    config.train.steps += 1  # a shared key: both train again
+    Pipeline(config).run()
+    again = {r: (out / r / "summary.json").stat().st_mtime_ns for r in ("precise-shield", "lora")}
+    assert again["lora"] != after["lora"] and again["precise-shield"] != after["precise-shield"]

@@ -44,6 +44,10 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# train.* keys that only the neuron recipes read (precise-shield, ss-expansion, random)
+NEURON_ONLY_TRAIN_KEYS = {"method", "set_languages", "lr", "budget", "trim", "neuron_parts"}
+
+
 class Pipeline:
     """Runs the stages of one config; every stage is also callable on its own."""
 
@@ -240,6 +244,8 @@ class Pipeline:
         return loaded, result
 
     def train(self, identified: dict[str, Any]) -> dict[str, Any]:
+        from neuroshield.train.recipes import NEURON_RECIPES
+
         c, tc = self.config, self.config.train
         harmful, benign = self.train_data()
         inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "harmful": _records_fingerprint(harmful),
@@ -250,7 +256,11 @@ class Pipeline:
             for recipe in tc.recipes:
                 # a recipe finished with the same inputs is reused, so adding a recipe to the config trains
                 # only that one
-                recipe_key = _fingerprint({**inputs, "config": {k: v for k, v in tc.__dict__.items() if k != "recipes"},
+                # (LoRA and full fine-tuning ignore the neuron-only keys: changing the neurons' learning rate or
+                # set does not train them again)
+                ignored = {"recipes"} | (set() if recipe in NEURON_RECIPES else NEURON_ONLY_TRAIN_KEYS)
+                recipe_key = _fingerprint({**inputs, "config": {k: v for k, v in tc.__dict__.items() if k not in ignored},
+                                           "identify": inputs["identify"] if recipe in NEURON_RECIPES else None,
                                            "recipe": recipe, "version": __version__})
                 marker = out / recipe / "pipeline-recipe.json"
                 started = out / recipe / "pipeline-recipe-started.json"
