@@ -59,13 +59,13 @@ class TrainConfig:
     benign_answers: str = "self"  # self: the base model's own answers (generated once, cached) | reference
     benign_max_new_tokens: int = 64
     steps: int = 30
-    lr: float = 1e-3  # neuron recipes; lora and full use their recipe defaults (2e-4, 1e-5)
+    lr: float = 3e-4  # neuron recipes; lora and full use their recipe defaults (2e-4, 1e-5)
     warmup_steps: int = 0  # linear warm-up of the learning rate
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256
     budget: float = 0.0003  # fraction of all parameters (Precise Shield: 0.03 %)
-    trim: str = "score"  # how the budget trims the set: score (best overall) | layer (each layer keeps its share)
+    trim: str = "layer"  # how the budget trims the set: layer (each layer keeps its share) | score (best overall)
     neuron_parts: str = "all"  # all | output (FFN: only the down_proj columns; see train.sparse)
 
 

@@ -71,7 +71,8 @@ RECIPES: tuple[str, ...] = NEURON_RECIPES + ("lora", "full")
 DEFAULT_BUDGET = 0.0003  # 0.03 % of all parameters (Precise Shield)
 DEFAULT_HIGH_RESOURCE = "en"
 # Learning rates that worked on Qwen2.5-0.5B in our runs (docs/training.md); override with lr=.
-DEFAULT_LR: dict[str, float] = {"precise-shield": 1e-3, "ss-expansion": 1e-3, "random": 1e-3, "lora": 2e-4,
+# neuron recipes: 3e-4 with the layer trim (configs/compare.yaml; 1e-3 and more rewrite a neuron within ~10 steps)
+DEFAULT_LR: dict[str, float] = {"precise-shield": 3e-4, "ss-expansion": 3e-4, "random": 3e-4, "lora": 2e-4,
                                 "full": 1e-5}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -111,7 +112,7 @@ def find_set_files(folder: str | Path, languages: Sequence[str] | None = None,
     return out
 
 
-def trim_set(ns: NeuronSet, loaded: Any, fraction: float, spread: str = "score") -> NeuronSet:
+def trim_set(ns: NeuronSet, loaded: Any, fraction: float, spread: str = "layer") -> NeuronSet:
     """Trim `ns` to `fraction` of all parameters (`neurons.selection.trim_to_budget`; `spread` score | layer)."""
     from neuroshield.neurons.selection import trim_to_budget
 
@@ -122,7 +123,7 @@ def recipe_neuron_set(
     recipe: str, loaded: Any, source: NeuronSet | str | Path | Sequence[str | Path], *,
     set_languages: Sequence[str] | None = None, modalities: Sequence[str] = ("text",),
     high_resource: str = DEFAULT_HIGH_RESOURCE, budget: float | None = DEFAULT_BUDGET, like: str = "precise-shield",
-    seed: int = 0, trim: str = "score",
+    seed: int = 0, trim: str = "layer",
 ) -> NeuronSet:
     """The neuron set a recipe trains, from a set, a set file, several files, or a folder of MS sets.
 
