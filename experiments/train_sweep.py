@@ -61,7 +61,8 @@ def _last_per_language(records: list[Any], langs: list[str], n: int, seed: int) 
     out = []
     for lang in langs:
         group = [r for r in records if r.language == lang]
-        first = {r.id for r in limit_per_group(group, max(0, len(group) - n), seed)}
+        # count ids, not records: with the image modality every id has a text and an image record
+        first = {r.id for r in limit_per_group(group, max(0, len({r.id for r in group}) - n), seed)}
         out += [r for r in group if r.id not in first]
     return out
 
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = result.setdefault("rows", [])
     # the base model's answer to every prompt any row screened: each row is compared with the base model on its
     # own prompts (rows of earlier versions of this script screened other benign prompts)
+    base_settings = {"model": config.model, "max_new_tokens": args.max_new_tokens, "judge": judge_info(judge)}
+    if result.get("base_settings") != base_settings:  # answers of another model / length: not comparable
+        result["base_answers"] = {}
+        result["base_settings"] = base_settings
     base_answers: dict[str, Any] = result.setdefault("base_answers", {})
     pool = {_key(r): r for r in pool_h + pool_b}
     wanted = [_key(r) for r in screen_h + screen_b] + [_key(e) for row in rows for e in row["examples"]]
@@ -190,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             base_answers[_key(e)] = {"refused": e["refused"], "answer": e["answer"]}
         print(f"base answers to {len(missing)} prompts: {time.perf_counter() - start:.0f}s", flush=True)
     for row in rows:
-        row["base"] = _rates([{**e, **base_answers[_key(e)]} for e in row["examples"]], langs)
+        if all(_key(e) in base_answers for e in row["examples"]):
+            row["base"] = _rates([{**e, **base_answers[_key(e)]} for e in row["examples"]], langs)
+        else:  # screened prompts outside this config's pools (other languages, sources or split)
+            row.pop("base", None)
+            print(f"{row['setting']}: its prompts are not in this config's held-in pools; no base figure", flush=True)
     result["base"] = _rates([{"id": r.id, "language": r.language, "label": r.label, **base_answers[_key(r)]}
                              for r in screen_h + screen_b], langs)
     result.pop("base_examples", None)

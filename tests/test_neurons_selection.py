@@ -188,8 +188,27 @@ def test_trim_by_layer_keeps_each_layers_share(tiny):
     odd = trim_to_budget(ns, lm, max_parameters=3 * per_unit, spread="layer")
     assert len(odd) == 3 and odd.owned_parameters(lm) <= 3 * per_unit
     assert trim_to_budget(ns, lm, 1.0, spread="layer").as_tuples() == ns.as_tuples()
+    # unequal sites: 6 units in layer 0, 2 in layer 1, budget 4 -> shares 3 and 1, best first in each
+    uneven = NeuronSet({"0.ffn": torch.arange(6), "1.ffn": torch.tensor([6, 7])},
+                       {"0.ffn": torch.arange(6, dtype=torch.float), "1.ffn": torch.tensor([10.0, 11.0])}, dict(ns.meta))
+    t = trim_to_budget(uneven, lm, max_parameters=4 * per_unit, spread="layer")
+    assert {k: sorted(v.tolist()) for k, v in t.units.items()} == {"0.ffn": [3, 4, 5], "1.ffn": [7]}
     with pytest.raises(ValueError, match="spread='depth'"):
         trim_to_budget(ns, lm, 0.01, spread="depth")
+
+
+def test_layer_quota_fills_the_budget_across_site_costs():
+    """Sites with different costs per unit: what is left after the shares goes on until nothing fits."""
+    from types import SimpleNamespace
+
+    from neuroshield.neurons.selection import _layer_quota
+
+    ns = NeuronSet({"0.ffn": torch.arange(200), "0.attn_o": torch.arange(3)}, {}, {"name": "s"})
+    sites = {"0.ffn": SimpleNamespace(params_per_unit=1), "0.attn_o": SimpleNamespace(params_per_unit=100)}
+    quota = _layer_quota(ns, sites, budget=199)
+    used = quota["0.ffn"] * 1 + quota["0.attn_o"] * 100
+    assert used <= 199 and 199 - used < 1  # a single pass left 97 of 199 unused
+    assert quota["0.attn_o"] >= 1
 
 
 def test_a_set_does_not_load_on_another_model(tiny, tmp_path):

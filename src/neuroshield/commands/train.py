@@ -22,8 +22,8 @@ def register(app: typer.Typer) -> None:
         like: str = typer.Option("precise-shield", help="random: the recipe whose set the control copies."),
         high_resource: str = typer.Option("en", help="ss-expansion: the high-resource language."),
         budget: float = typer.Option(0.0003, help="precise-shield: parameter budget as a fraction of all."),
-        trim: str = typer.Option("layer", help="precise-shield: how the budget trims the set: layer (each layer "
-                                 "keeps its share) | score (best scores overall)."),
+        trim: str = typer.Option("layer", help="How --budget trims the set (precise-shield, and the random "
+                                 "control copying it): layer (each layer keeps its share) | score (best scores overall)."),
         languages: str = typer.Option("en", help="Languages of the harmful training prompts (comma-separated)."),
         harmful: str = typer.Option("xsafety", help="Harmful prompts: a data set name or a file."),
         harmful_split: str = typer.Option("held-in", help="held-in | held-out | all (split by prompt id)."),

@@ -280,10 +280,14 @@ def _layer_quota(ns: NeuronSet, sites: dict[str, Any], budget: int) -> dict[str,
     exact = {k: budget * owned[k] / total / cost[k] for k in ns.units}
     quota = {k: int(math.floor(v)) for k, v in exact.items()}
     left = budget - sum(quota[k] * cost[k] for k in quota)
-    for k in sorted(exact, key=lambda k: (quota[k] - exact[k], k)):  # largest remainder first
-        if cost[k] <= left and quota[k] < ns.units[k].numel():
-            quota[k] += 1
-            left -= cost[k]
+    grew = True
+    while grew:  # hand out what is left, largest remainder first, until no site fits another unit
+        grew = False
+        for k in sorted(exact, key=lambda k: (quota[k] - exact[k], k)):
+            if cost[k] <= left and quota[k] < ns.units[k].numel():
+                quota[k] += 1
+                left -= cost[k]
+                grew = True
     return quota
 
 
@@ -305,7 +309,7 @@ def trim_to_budget(
     grow with depth, so such a trim keeps mostly the last layers. `spread="layer"`: each site (layer and
     kind) keeps its share of the set's parameters, its best-scoring neurons first (largest remainders
     get the leftover units), so the trimmed set has the set's depth profile. `max_parameters` overrides
-    the fraction.
+    the fraction. (The training recipes default to "layer", see `train.recipes.recipe_neuron_set`.)
     """
     if spread not in TRIM_SPREADS:
         raise ValueError(f"spread={spread!r}: give {' or '.join(TRIM_SPREADS)}")
