@@ -67,9 +67,14 @@ def _last_per_language(records: list[Any], langs: list[str], n: int, seed: int) 
     return out
 
 
-def _key(r: Any) -> str:
-    return f"{r['label'] if isinstance(r, dict) else r.label}/{r['language'] if isinstance(r, dict) else r.language}/" \
-           f"{r['id'] if isinstance(r, dict) else r.id}"
+def _ref(r: Any) -> dict[str, str]:
+    """What an example row records of its prompt."""
+    return {"id": r.id, "language": r.language, "label": r.label, "modality": r.modality}
+
+
+def _key(e: dict[str, Any]) -> str:
+    # rows written before the modality was recorded are text
+    return f"{e['label']}/{e['language']}/{e.get('modality', 'text')}/{e['id']}"
 
 
 def _rates(examples: list[dict[str, Any]], langs: list[str]) -> dict[str, Any]:
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         recs = screen_h + screen_b if recs is None else recs
         answers = generate_responses(loaded, recs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      progress=False)
-        examples = [{"id": r.id, "language": r.language, "label": r.label, "refused": v.refused, "answer": a}
+        examples = [{**_ref(r), "refused": v.refused, "answer": a}
                     for r, v, a in zip(recs, judge.judge_batch(answers, [r.language for r in recs]), answers)]
         return {**_rates(examples, langs), "examples": examples}
 
@@ -186,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         result["base_answers"] = {}
         result["base_settings"] = base_settings
     base_answers: dict[str, Any] = result.setdefault("base_answers", {})
-    pool = {_key(r): r for r in pool_h + pool_b}
-    wanted = [_key(r) for r in screen_h + screen_b] + [_key(e) for row in rows for e in row["examples"]]
+    pool = {_key(_ref(r)): r for r in pool_h + pool_b}
+    wanted = [_key(_ref(r)) for r in screen_h + screen_b] + [_key(e) for row in rows for e in row["examples"]]
     missing = [pool[k] for k in dict.fromkeys(wanted) if k not in base_answers and k in pool]
     if missing:
         start = time.perf_counter()
@@ -200,9 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # screened prompts outside this config's pools (other languages, sources or split)
             row.pop("base", None)
             print(f"{row['setting']}: its prompts are not in this config's held-in pools; no base figure", flush=True)
-    result["base"] = _rates([{"id": r.id, "language": r.language, "label": r.label, **base_answers[_key(r)]}
+    result["base"] = _rates([{**_ref(r), **base_answers[_key(_ref(r))]}
                              for r in screen_h + screen_b], langs)
-    result.pop("base_examples", None)
     _write_atomic(out_path, result)
     b = result["base"]
     print(f"base: harmful refusal {b['harmful']['refusal_rate']:.3f}  benign refusal {b['benign']['refusal_rate']:.3f}",

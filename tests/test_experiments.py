@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 
 from neuroshield.data.loaders import load_prompts
 from neuroshield.data.templates import load_parallel_benign
@@ -32,6 +33,22 @@ def _tiny_folder(tmp_path: Path) -> tuple[Any, Path]:
     return lm, folder
 
 
+def _tiny_config(tmp_path: Path, languages: str, train: str) -> Path:
+    """A pipeline config on a tiny saved model; `train` is the inside of the `train:` mapping."""
+    _, folder = _tiny_folder(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+name: tiny
+model: {folder}
+out_dir: {tmp_path / 'runs'}
+languages: [{languages}]
+identify: {{per_language: 4, methods: [plnd], rho: 0.1, batch_size: 4}}
+train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_answers: reference, batch_size: 2,
+        max_length: 96, budget: 0.05, {train}}}
+""")
+    return cfg
+
+
 def test_validation_search_screens_sets_against_controls(tmp_path: Path, one_thread) -> None:
     lm, folder = _tiny_folder(tmp_path)
     harmful = load_prompts("xsafety:Crimes_And_Illegal_Activities", languages=["en"], label="harmful")[:6]
@@ -54,17 +71,7 @@ def test_train_sweep_trains_each_setting_and_screens_held_in_prompts(tmp_path: P
     from neuroshield.config import load_config
     from neuroshield.pipeline import Pipeline
 
-    _, folder = _tiny_folder(tmp_path)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"""
-name: tiny
-model: {folder}
-out_dir: {tmp_path / 'runs'}
-languages: [en, zh]
-identify: {{per_language: 4, methods: [plnd], rho: 0.1, batch_size: 4}}
-train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_answers: reference, steps: 1,
-        batch_size: 2, max_length: 96, budget: 0.05, benign_max_new_tokens: 4}}
-""")
+    cfg = _tiny_config(tmp_path, "en, zh", "steps: 1, benign_max_new_tokens: 4")
     Pipeline(load_config(cfg)).run(stages=("identify",))
     out = tmp_path / "sweep.json"
     args = ["--config", str(cfg), "--screen-at", "1", "--settings", "lr=0.01 steps=2",
@@ -88,7 +95,7 @@ train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_ans
     assert not trained_ids & screened  # nothing screened was trained on, in any language
     # each row has the base model's refusal on its own prompts
     assert result["rows"][0]["base"]["harmful"]["n"] == 4 and set(result["base_answers"]) == {
-        f"{e['label']}/{e['language']}/{e['id']}" for e in result["rows"][0]["examples"]}
+        f"{e['label']}/{e['language']}/text/{e['id']}" for e in result["rows"][0]["examples"]}
     # a second run skips the finished settings; another setting is screened on the same prompts
     assert _script("train_sweep").main(args) == 0
     assert len(json.loads(out.read_text())["rows"]) == 2
@@ -99,8 +106,6 @@ train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_ans
     table = _script("train_sweep").markdown_table(json.loads(out.read_text()))
     assert table.count("\n") == 4 and "| lr=0.01 steps=2 |" in table and "1: " in table
     # a setting that would train on a screened prompt is refused
-    import pytest
-
     with pytest.raises(SystemExit, match="trains on"):
         _script("train_sweep").main(["--config", str(cfg), "--settings", "benign=parallel-benign benign_count=40",
                                      *args[args.index("--screen-harmful"):]])
@@ -114,17 +119,7 @@ def test_train_recipe_on_step_sees_the_weights_trained_so_far(tmp_path: Path, on
     from neuroshield.models.chat import encode_chat
     from neuroshield.pipeline import Pipeline
 
-    _, folder = _tiny_folder(tmp_path)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"""
-name: tiny
-model: {folder}
-out_dir: {tmp_path / 'runs'}
-languages: [en]
-identify: {{per_language: 4, methods: [plnd], rho: 0.1, batch_size: 4}}
-train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_answers: reference, steps: 3,
-        batch_size: 2, max_length: 96, budget: 0.05, lr: 0.05, harmful: advbench}}
-""")
+    cfg = _tiny_config(tmp_path, "en", "steps: 3, lr: 0.05, harmful: advbench")
     pipe = Pipeline(load_config(cfg))
     pipe.run(stages=("identify",))
     harmful, _ = pipe.train_data()

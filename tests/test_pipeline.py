@@ -68,28 +68,19 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path, tiny_folder: Path
     assert set(third.timings) == {"evaluate"}
 
 
-def test_config_errors_name_the_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text, message", [
+    ("train: {stepz: 3}", r"bad.yaml.train: unknown key\(s\) \['stepz'\]"),
+    ("validate: {suppress_mode: mean}", "validate.suppress_mode 'mean': give zero or mean:benign"),
+    ("train: {neuron_parts: rows}", "train.neuron_parts 'rows'"),
+    ("train: {trim: depth}", "train.trim 'depth': give score or layer"),
+    ("train: {set_languages: [en, xx]}", r"train.set_languages \['xx'\] are not in languages"),
+    ("train: {harmful: advbnech}", "train.harmful 'advbnech': not a known data set"),
+    ("identify: {rho: high}", "identify.rho: expected a number"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("train: {stepz: 3}\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.train: unknown key\(s\) \['stepz'\]"):
-        load_config(path)
-    path.write_text("validate: {suppress_mode: mean}\n")
-    with pytest.raises(ConfigError, match="validate.suppress_mode 'mean': give zero or mean:benign"):
-        load_config(path)
-    path.write_text("train: {neuron_parts: rows}\n")
-    with pytest.raises(ConfigError, match="train.neuron_parts 'rows'"):
-        load_config(path)
-    path.write_text("train: {trim: depth}\n")
-    with pytest.raises(ConfigError, match="train.trim 'depth': give score or layer"):
-        load_config(path)
-    path.write_text("train: {set_languages: [en, xx]}\n")
-    with pytest.raises(ConfigError, match=r"train.set_languages \['xx'\] are not in languages"):
-        load_config(path)
-    path.write_text("train: {harmful: advbnech}\n")
-    with pytest.raises(ConfigError, match="train.harmful 'advbnech': not a known data set"):
-        load_config(path)
-    path.write_text("identify: {rho: high}\n")
-    with pytest.raises(ConfigError, match="identify.rho: expected a number"):
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 
