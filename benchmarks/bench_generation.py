@@ -1,6 +1,6 @@
 """Generated tokens/s of the batched generation helper vs unbatched (batch 1), same prompts, greedy.
 
-A (`batched`): `neuroshield.evaluate.generation.generate(loaded, prompts, GenerationConfig(max_new_tokens=32,
+A (`batched`): `neuroshield.generate.generation.generate(loaded, prompts, GenerationConfig(max_new_tokens=32,
    batch_size=B, stop_at_eos=False))`: batches sorted by length, left padding, KV cache.
 B (`unbatched`): the same call with batch_size=1 (one `model.generate` per prompt).
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from neuroshield.evaluate.generation import GenerationConfig, generate
+    from neuroshield.generate.generation import GenerationConfig, generate
 
     info = C.machine_info()
     from neuroshield.models import load_model
@@ -124,7 +124,7 @@ def markdown(r: dict[str, Any]) -> str:
         C.machine_md(r["machine"], loads, r["date"]),
         f"- Model: {r['model']} (float32); {r['prompts']} English prompts of the bundled parallel benign set; "
         f"greedy, {r['new_tokens_per_prompt']} new tokens per prompt (`stop_at_eos=False`, equal work), KV cache; "
-        f"`evaluate.generation.generate` (the code path of `generate_responses`) with batch_size={r['batch_size']} "
+        f"`generate.generation.generate` (the code path of `generate_responses`) with batch_size={r['batch_size']} "
         "vs batch_size=1",
         f"- {len(r['rounds'])} interleaved rounds after a warm-up round; medians over rounds; CPU = process CPU "
         "time (one torch thread: the work itself, without the waits for a core on this shared machine)",

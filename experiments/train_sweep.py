@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--screen-at {args.screen_at!r}: give step numbers separated by commas, e.g. 12,24") from None
 
     from neuroshield.config import load_config
-    from neuroshield.evaluate.generation import generate_responses
-    from neuroshield.evaluate.judges import RefusalPhraseJudge
-    from neuroshield.evaluate.judges_extra import judge_info
+    from neuroshield.generate.generation import generate_responses
+    from neuroshield.judges.phrase import RefusalPhraseJudge
+    from neuroshield.judges.registry import judge_info
     from neuroshield.pipeline import Pipeline
 
     def pipeline(setting: dict[str, Any]) -> Pipeline:

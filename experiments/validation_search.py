@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from neuroshield.data.loaders import load_prompts
     from neuroshield.data.templates import load_parallel_benign
-    from neuroshield.evaluate.generation import generate_responses
-    from neuroshield.evaluate.judges import RefusalPhraseJudge
-    from neuroshield.evaluate.judges_extra import LogprobRefusalJudge, judge_info
+    from neuroshield.generate.generation import generate_responses
+    from neuroshield.judges.phrase import RefusalPhraseJudge
+    from neuroshield.judges.logprob import LogprobRefusalJudge
+    from neuroshield.judges.registry import judge_info
     from neuroshield.intervene.interventions import intervene
     from neuroshield.models import load_model
     from neuroshield.neurons.neuronset import random_like

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-import neuroshield.evaluate.generation as generation
+import neuroshield.generate.generation as generation
 from neuroshield.data.records import PromptRecord
 from neuroshield.evaluate.evaluate import EvalResult, EvalSuite, EvaluationWarning, GenerationCache, evaluate, patch_tag
 from neuroshield.models.tiny import tiny_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuroshield.data.records import PromptRecord
-from neuroshield.evaluate.generation import (
+from neuroshield.generate.generation import (
     GenerationConfig,
     generate,
     generate_responses,

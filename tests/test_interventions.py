@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from neuroshield.evaluate.generation import GenerationConfig, generate
+from neuroshield.generate.generation import GenerationConfig, generate
 from neuroshield.intervene.interventions import InterventionMode, intervene, parse_mode
 from neuroshield.models import SITE_KINDS, resolve_sites, site_hooks
 from neuroshield.models.chat import collate, encode_chat

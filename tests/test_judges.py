@@ -14,7 +14,8 @@ from neuroshield.data.templates import (
     load_parallel_benign,
     refusal_templates,
 )
-from neuroshield.evaluate.judges import PHRASES, JudgeResult, RefusalPhraseJudge, normalize
+from neuroshield.judges.phrase import PHRASES, RefusalPhraseJudge, normalize
+from neuroshield.judges.result import JudgeResult
 
 FIXTURE = Path(__file__).parent / "fixtures" / "judge_examples.jsonl"
 XSAFETY = ("en", "zh", "ar", "ru", "hi", "es", "fr", "de", "ja", "bn")

@@ -12,18 +12,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from neuroshield.evaluate.judges_extra import (
-    LABEL_MEANINGS,
-    OPENERS,
-    ClassifierJudge,
-    LogprobRefusalJudge,
-    get_judge,
-    judge_info,
-    judge_label,
-    judge_responses,
-    openers_for,
-    parse_guard_output,
-)
+from neuroshield.judges.classifier import LABEL_MEANINGS, ClassifierJudge, parse_guard_output
+from neuroshield.judges.logprob import OPENERS, LogprobRefusalJudge, openers_for
+from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses
 from neuroshield.models.chat import encode_chat
 from neuroshield.models.tiny import byte_tokenizer, tiny_model
 

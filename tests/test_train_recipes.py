@@ -118,7 +118,7 @@ def test_self_answers_are_cached_and_resume(tmp_path, monkeypatch):
     got = self_answer_examples(loaded, recs, cache, max_new_tokens=3, batch_size=2, progress=False)
     lines = cache.read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["id"] for x in lines)
-    import neuroshield.evaluate.generation as gen
+    import neuroshield.generate.generation as gen
 
     def boom(*a, **k):
         raise AssertionError("cached answers were generated again")

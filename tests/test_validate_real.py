@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuroshield.data.records import PromptRecord
-from neuroshield.evaluate.generation import GenerationConfig, generate
+from neuroshield.generate.generation import GenerationConfig, generate
 from neuroshield.intervene.interventions import intervene
 from neuroshield.intervene.validate import validate
 from neuroshield.models.sites import resolve_sites

@@ -45,7 +45,7 @@ def records(tmp_path) -> list[PromptRecord]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generation_takes_image_records(arch: str, records) -> None:
-    from neuroshield.evaluate.generation import GenerationConfig, generate
+    from neuroshield.generate.generation import GenerationConfig, generate
 
     lm = _vlm(arch)
     gens = generate(lm, records, GenerationConfig(max_new_tokens=3, batch_size=2, stop_at_eos=False), progress=False)
@@ -64,7 +64,7 @@ def test_generation_takes_image_records(arch: str, records) -> None:
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "gemma3"])
 def test_response_scoring_sees_the_image(arch: str, records, tmp_path) -> None:
-    from neuroshield.evaluate.generation import response_logprobs
+    from neuroshield.generate.generation import response_logprobs
 
     lm = _vlm(arch)
     other = PromptRecord(id="x/1", text=INSTRUCTION, language="en", label="harmful", modality="image",
@@ -75,7 +75,7 @@ def test_response_scoring_sees_the_image(arch: str, records, tmp_path) -> None:
 
 
 def test_interventions_apply_with_images(records) -> None:
-    from neuroshield.evaluate.generation import response_logprobs
+    from neuroshield.generate.generation import response_logprobs
     from neuroshield.intervene.interventions import intervene
     from neuroshield.neurons.neuronset import NeuronSet
 

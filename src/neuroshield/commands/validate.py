@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
                 from neuroshield.neurons.stats import ActivationStats
 
                 act_stats = ActivationStats.load(stats)
-            from neuroshield.evaluate.judges_extra import get_judge
+            from neuroshield.judges.registry import get_judge
 
             result = validate(loaded, neuron_set, records, mode=parsed, controls=controls, seed=seed,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, judge=get_judge(judge),

@@ -212,7 +212,7 @@ def mgsm_accuracy(
     responses (default: greedy `generate_responses`); evaluation passes its cached generator here."""
     prompts = [mgsm_prompt(r) for r in records]
     if generate is None:
-        from neuroshield.evaluate.generation import generate_responses
+        from neuroshield.generate.generation import generate_responses
 
         def generate(recs: Sequence[PromptRecord]) -> list[str]:
             return generate_responses(loaded, list(recs), max_new_tokens=max_new_tokens, batch_size=batch_size,

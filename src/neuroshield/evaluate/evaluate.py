@@ -49,7 +49,7 @@ from neuroshield.evaluate.capability import (
     xcopa_cells,
     xcopa_logprobs,
 )
-from neuroshield.evaluate.judges_extra import get_judge, judge_info, judge_label, judge_responses
+from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses
 from neuroshield.evaluate.metrics import (
     N_RESAMPLES,
     CapabilityCell,
@@ -398,7 +398,7 @@ GenerateFn = Callable[[list[PromptRecord], int, OnBatch], None]
 
 
 def _hf_generator(loaded: Any, batch_size: int, system: str | None) -> GenerateFn:
-    from neuroshield.evaluate import generation
+    from neuroshield.generate import generation
 
     def gen(records: list[PromptRecord], max_new_tokens: int, on_batch: OnBatch) -> None:
         cfg = generation.GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False,

@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuroshield.data.records import PromptRecord, group_name
-from neuroshield.evaluate.generation import Generation, GenerationConfig, generate, response_divergence
+from neuroshield.generate.generation import Generation, GenerationConfig, generate, response_divergence
 from neuroshield.intervene.interventions import InterventionMode, _means_of, intervene, parse_mode
 from neuroshield.models.loading import LoadedModel
 from neuroshield.neurons.neuronset import NeuronSet, random_like
@@ -388,7 +388,7 @@ def _judge_all(judge: Any, gens: list[Generation], prompts: Sequence[PromptRecor
     langs = [r.language for r in prompts]
     if hasattr(judge, "judge_batch"):
         try:
-            from neuroshield.evaluate.judges_extra import judge_responses
+            from neuroshield.judges.registry import judge_responses
         except ImportError:
             return list(judge.judge_batch(texts, langs))
         return judge_responses(judge, texts, langs, [r.text for r in prompts])
@@ -397,7 +397,7 @@ def _judge_all(judge: Any, gens: list[Generation], prompts: Sequence[PromptRecor
 
 def _judge_name(judge: Any) -> Any:
     try:
-        from neuroshield.evaluate.judges_extra import judge_info
+        from neuroshield.judges.registry import judge_info
     except ImportError:
         return type(judge).__name__
     return judge_info(judge)
@@ -444,7 +444,7 @@ def validate(
     if len(neuron_set) == 0:
         raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
     if judge is None:
-        from neuroshield.evaluate.judges import RefusalPhraseJudge
+        from neuroshield.judges.phrase import RefusalPhraseJudge
 
         judge = RefusalPhraseJudge()
     if getattr(judge, "requires_generation", True) is False or not (hasattr(judge, "judge_batch")

@@ -152,7 +152,7 @@ def self_answer_examples(
     cached = _read_cache(path, key)
     todo = [r for r in records if (r.id, r.language) not in cached]
     if todo:
-        from neuroshield.evaluate.generation import GenerationConfig, generate
+        from neuroshield.generate.generation import GenerationConfig, generate
 
         path.parent.mkdir(parents=True, exist_ok=True)
         log.info("generating the base model's answers to %d benign prompts (cached in %s)", len(todo), path)

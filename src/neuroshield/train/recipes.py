@@ -813,10 +813,10 @@ def evaluate_quick(loaded: Any, harmful: Sequence[PromptRecord], benign: Sequenc
                    keep_responses: bool = False, progress: bool = True) -> dict[str, Any]:
     """Attack success rate per language on `harmful` (share not refused) and over-refusal per language on
     `benign` (share refused), greedy generation, the refusal-phrase judge by default."""
-    from neuroshield.evaluate.generation import generate_responses
+    from neuroshield.generate.generation import generate_responses
 
     if judge is None:
-        from neuroshield.evaluate.judges import RefusalPhraseJudge
+        from neuroshield.judges.phrase import RefusalPhraseJudge
 
         judge = RefusalPhraseJudge()
     out: dict[str, Any] = {"asr": {}, "over_refusal": {}, "n": {}}
