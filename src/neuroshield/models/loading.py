@@ -15,63 +15,23 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from neuroshield.models.adapters import ArchitectureAdapter, adapter_for_config
+from neuroshield.models.adapters import adapter_for_config
 from neuroshield.models.embedded import EMBEDDED_MODELS, EmbeddedModel, assemble_gguf
+from neuroshield.models.loaded import LoadedModel, ModelLoadError, config_hash, dtype_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 
 
-class ModelLoadError(RuntimeError):
-    pass
-
-
-@dataclass
-class LoadedModel:
-    """A model, its tokenizer (and processor for VLMs), its adapter and its identity."""
-
-    model: PreTrainedModel
-    tokenizer: Any
-    adapter: ArchitectureAdapter
-    spec: str
-    model_id: str  # human-readable identity recorded in every artifact
-    processor: Any | None = None
-    load_seconds: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def config_hash(self) -> str:
-        return config_hash(self.model.config)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("NEUROSHIELD_CACHE", Path.home() / ".cache" / "neuroshield"))
-
-
-def dtype_name(model: Any) -> str:
-    """The dtype of a model's parameters as a plain name ("float32", "bfloat16")."""
-    return str(next(model.parameters()).dtype).replace("torch.", "")
-
-
-def config_hash(config: Any) -> str:
-    """Hash of the architecture-defining config, stable across saves and dtypes."""
-    d = config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
-                     "_commit_hash", "_attn_implementation_autoset", "use_cache"):
-        d.pop(volatile, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

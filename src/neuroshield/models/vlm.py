@@ -72,7 +72,7 @@ import torch
 
 from neuroshield.models.adapters import ArchitectureAdapter, register_adapter
 from neuroshield.models.chat import Batch, EncodedPrompt, collate, encode_chat
-from neuroshield.models.loading import LoadedModel, ModelLoadError
+from neuroshield.models.loaded import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 
