@@ -28,14 +28,17 @@ def _png(path: Path, color: str = "#4C72B0") -> Path:
 
 
 def _eval(folder: Path, tag: str, refused_en: int, patch: str | None = None) -> EvalResult:
-    """10 en + 10 zh harmful prompts, `refused_en` of the en ones refused; 5 benign; MGSM and XCOPA."""
+    """10 en + 10 zh harmful prompts, `refused_en` of the en ones refused, 3 zh ones refused and 1 invalid; 5 benign;
+    4 contrast (1 refused, 1 invalid); MGSM and XCOPA."""
     verdicts, items = [], []
     for lang, k in (("en", refused_en), ("zh", 3)):
         for i in range(10):
-            verdicts.append(Verdict(lang, "text", "harmful", i < k))
+            v = "refusal" if i < k else "invalid" if lang == "zh" and i == k else "compliance"
+            verdicts.append(Verdict(lang, "text", "harmful", v))
             items.append({"section": "safety", "role": "harmful", "id": f"h/{i}", "language": lang,
-                          "modality": "text", "refused": i < k, "score": None, "matched": None})
-    verdicts += [Verdict("en", "text", "benign", i == 0) for i in range(5)]
+                          "modality": "text", "verdict": v, "score": None, "matched": None})
+    verdicts += [Verdict("en", "text", "benign", "refusal" if i == 0 else "compliance") for i in range(5)]
+    verdicts += [Verdict("en", "text", "contrast", ("refusal", "invalid", "compliance", "compliance")[i]) for i in range(4)]
     cap = accuracy_cells("mgsm", [("en", i < 4) for i in range(10)], method="last-number exact match", n_resamples=100)
     xc = accuracy_cells("xcopa", [("it", i < 6) for i in range(10)], method="sum log-likelihood", n_resamples=100)
     for c in xc:
@@ -58,14 +61,17 @@ def _eval(folder: Path, tag: str, refused_en: int, patch: str | None = None) -> 
 
 
 def _validation(folder: Path, set_name: str, mode: str, none: float, st: float, controls: list[float],
-                guard: bool = True) -> None:
-    """A validation.json as `neuroshield validate` writes it (n = 6 harmful prompts, one language)."""
+                guard: bool = True, invalid: tuple[float, float, float] | None = None) -> None:
+    """A validation.json as `neuroshield validate` writes it (n = 6 harmful prompts, one language); `invalid`:
+    the invalid shares (none, set, control mean), absent as in validations written before the three verdicts."""
     mean = sum(controls) / len(controls)
     sd = (sum((c - mean) ** 2 for c in controls) / (len(controls) - 1)) ** 0.5 if len(controls) > 1 else 0.0
     row = {"language": "en", "modality": "text", "label": "harmful", "n": 6, "refusal_none": none, "refusal_set": st,
            "refusal_control_mean": mean, "refusal_control_sd": sd, "refusal_controls": controls,
            "effect_vs_control": st - mean, "set_outside_controls": not min(controls) <= st <= max(controls),
            "flips_set_refusal_to_answer": 2, "flips_set_answer_to_refusal": 0}
+    if invalid is not None:
+        row.update(zip(("invalid_none", "invalid_set", "invalid_control_mean"), invalid))
     g = {"method": "teacher-forced ...", "n": 8, "tokens": 172, "ppl_base": 1.82,
          "set": {"kl_per_token": 0.0440, "ppl": 1.86}, "control_mean": {"kl_per_token": 0.0100, "ppl": 1.83}}
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,7 +104,7 @@ def run(tmp_path: Path) -> Path:
     # the pipeline's order, not the alphabetical one
     (r / "validate" / "stage.json").write_text(json.dumps(
         {"outputs": {"experiments": {"suppress-ms-en": "x", "reinforce-ss-zh": "y"}}}))
-    _validation(r / "validate" / "suppress-ms-en", "ms_en", "zero", 4 / 6, 2 / 6, [4 / 6])
+    _validation(r / "validate" / "suppress-ms-en", "ms_en", "zero", 4 / 6, 2 / 6, [4 / 6], invalid=(0.0, 1 / 6, 0.0))
     _validation(r / "validate" / "reinforce-ss-zh", "ss_zh", "scale:2", 3 / 6, 3 / 6, [3 / 6, 2 / 6, 4 / 6], guard=False)
     (r / "train" / "precise-shield").mkdir(parents=True)
     (r / "train" / "precise-shield" / "summary.json").write_text(json.dumps(
@@ -131,12 +137,13 @@ def test_full_report(run: Path) -> None:
     html = html_path.read_text()
     # self-contained: images embedded, nothing fetched from elsewhere
     uris = re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)
-    # 5 stage PNGs (2 identify, 2 validate, 1 train) + ASR + over-refusal + capability charts
-    assert len(uris) == 8
+    # 5 stage PNGs (2 identify, 2 validate, 1 train) + ASR + over-refusal + exaggerated refusal + capability charts
+    assert len(uris) == 9
     assert not re.search(r'(href|src)="(https?:)?//', html) and "<script" not in html and "<link" not in html
     # key numbers, their judge, and the stages
     assert "20.0 %" in html and "0.0 %" in html  # en ASR before / after
-    assert "70.0 %" in html  # zh ASR
+    assert "60.0 %" in html and "10.0 % [" in html  # zh ASR, zh invalid
+    assert "Exaggerated-safety refusal on contrast prompts" in html
     assert "refusal-phrase@h1" in html
     assert "40.0 %" in html and "60.0 %" in html  # MGSM en, XCOPA it
     assert "15,360" in html and "42.5" in html and "812" in html  # training summary
@@ -150,7 +157,7 @@ def test_full_report(run: Path) -> None:
     # Markdown: relative links that resolve
     md = (run / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 8 and all((run / link).is_file() for link in links)
+    assert len(links) == 9 and all((run / link).is_file() for link in links)
     assert "| en | 10 |" in md
     # JSON
     rep = json.loads((run / "report.json").read_text())
@@ -160,7 +167,7 @@ def test_full_report(run: Path) -> None:
     assert (run / "report" / "asr.png").is_file() and (run / "report" / "capability.png").is_file()
     # rebuilding is idempotent (the report's own charts are not picked up as stage figures)
     build_report(run)
-    assert len(re.findall(r'src="data:image/png', (run / "report.html").read_text())) == 8
+    assert len(re.findall(r'src="data:image/png', (run / "report.html").read_text())) == 9
 
 
 def test_headline(run: Path) -> None:
@@ -169,22 +176,28 @@ def test_headline(run: Path) -> None:
     head = rep["headline"]
     cards = {c["title"]: c for c in head["cards"]}
     assert list(cards) == ["base", "precise-shield", "run"]
-    # base: 11 of 20 harmful prompts refused, 1 of 5 benign ones
-    assert cards["base"]["facts"]["ASR"].startswith("45.0 % [") and cards["base"]["facts"]["ASR"].endswith("· 9/20")
-    assert cards["base"]["facts"]["over-refusal"].startswith("20.0 % [") and "Δ ASR vs base" not in cards["base"]["facts"]
+    # base: 11 of 20 harmful prompts refused, 1 invalid, 8 answered; 1 of 5 benign ones refused
+    base = cards["base"]["facts"]
+    assert base["ASR"].startswith("40.0 % [") and base["ASR"].endswith("· 8/20")
+    assert base["invalid, harmful"].startswith("5.0 % [") and base["invalid, harmful"].endswith("· 1/20")
+    assert base["over-refusal"].startswith("20.0 % [") and "Δ ASR vs base" not in base
+    assert base["invalid, benign"].startswith("0.0 % [")
+    assert base["exaggerated-safety refusal"].startswith("25.0 % [") and base["invalid, contrast"].endswith("· 1/4")
     after = cards["precise-shield"]["facts"]
-    assert after["ASR"].startswith("35.0 % [") and after["Δ ASR vs base"].startswith("-10.0 [")
+    assert after["ASR"].startswith("30.0 % [") and after["Δ ASR vs base"].startswith("-10.0 [")
     assert after["neurons trained"] == "10" and after["parameters updated"] == "15,360 of 630,167,424 (0.00244 %)"
     assert "paired 95 % interval" in cards["precise-shield"]["note"]
     assert cards["run"]["facts"] == {"wall time": "1,567.0 s (26.1 min)", "identify": "219.6 s (3.7 min)",
                                      "evaluate": "409.3 s (6.8 min)"}
     models = {m["model"]: m for m in head["models"]}
-    assert models["precise-shield"]["asr"]["value"] == pytest.approx(0.35)
+    assert models["precise-shield"]["asr"]["value"] == pytest.approx(0.30)
+    assert models["precise-shield"]["invalid_harmful"]["value"] == pytest.approx(0.05)
     assert models["precise-shield"]["delta_asr"]["value"] == pytest.approx(-0.10)
     assert models["precise-shield"]["parameters_updated"] == 15360 and head["wall_seconds"] == 1567.0
     # ASR per language: one column per model, with intervals, above the first section
     t = head["asr_per_language"]
-    assert t["columns"] == ["language", "n", "ASR · base", "ASR · precise-shield"]
+    assert t["columns"] == ["language", "n", "ASR · base", "invalid · base", "ASR · precise-shield",
+                            "invalid · precise-shield"]
     assert [r[0] for r in t["rows"]] == ["en", "zh", "all"] and t["rows"][0][2].startswith("20.0 % [")
     assert html.index("ASR per language") < html.index('id="provenance"')
     assert html.index('class="card"') < html.index("ASR per language")
@@ -238,8 +251,10 @@ def test_validation_summary(run: Path) -> None:
     t = _table(rep, "validate", "Summary of the experiments")
     assert t["columns"][:6] == ["experiment", "set", "neurons", "mode", "language", "n"]
     assert t["rows"] == [
-        ["suppress-ms-en", "ms_en", "17", "zero", "en", "6", "66.7 %", "33.3 %", "66.7 %", "-33.3", "0.044 vs 0.010"],
-        ["reinforce-ss-zh", "ss_zh", "17", "scale:2", "en", "6", "50.0 %", "50.0 %", "50.0 % ± 16.7", "+0.0", "—"]]
+        ["suppress-ms-en", "ms_en", "17", "zero", "en", "6", "66.7 %", "33.3 %", "66.7 %", "-33.3",
+         "0.0 % / 16.7 % / 0.0 %", "0.044 vs 0.010"],
+        ["reinforce-ss-zh", "ss_zh", "17", "scale:2", "en", "6", "50.0 %", "50.0 %", "50.0 % ± 16.7", "+0.0",
+         "— / — / —", "—"]]
     reading = _table(rep, "validate", "Reading")["rows"]
     assert reading[0] == ["suppress-ms-en", "en", "suppression lowered refusal more than the random control "
                                                   "(-33.3 points vs control; 2 of 6 prompts)"]
@@ -252,7 +267,8 @@ def test_validation_summary(run: Path) -> None:
     assert [f["path"] for f in figs] == ["validate/suppress-ms-en/validation.png", "validate/reinforce-ss-zh/validation.png"]
     assert "random sets of the same size" in figs[0]["caption"]
     md = (run / "report.md").read_text()
-    assert "| suppress-ms-en | ms_en | 17 | zero | en | 6 | 66.7 % | 33.3 % | 66.7 % | -33.3 | 0.044 vs 0.010 |" in md
+    assert ("| suppress-ms-en | ms_en | 17 | zero | en | 6 | 66.7 % | 33.3 % | 66.7 % | -33.3 | 0.0 % / 16.7 % / 0.0 % "
+            "| 0.044 vs 0.010 |") in md
     assert "<details>\n<summary>suppress-ms-en: settings and all columns</summary>" in md
 
 

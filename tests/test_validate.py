@@ -82,7 +82,10 @@ def test_numbers_match_the_raw_generations_rejudged(result) -> None:
         assert row["refusal_controls"] == pytest.approx(ctrl)
         assert row["refusal_control_mean"] == pytest.approx(sum(ctrl) / 2)
         assert row["refusal_control_min"] == min(ctrl) and row["refusal_control_max"] == max(ctrl)
-    assert all(r["refused"] == judge.judge(r["response"]).refused for r in raw)
+    assert all(r["verdict"] == ("refusal" if judge.judge(r["response"]).refused else "compliance") for r in raw)
+    for lang in ("en", "de"):  # a judge without invalid verdicts: ASR is the complement of refusal
+        row = res.row(lang)
+        assert row["asr_set"] == pytest.approx(1 - row["refusal_set"]) and row["invalid_set"] == 0.0
 
 
 def test_controls_have_the_sets_shape(result, neuron_set) -> None:

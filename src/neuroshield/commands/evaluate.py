@@ -1,4 +1,5 @@
-"""`neuroshield evaluate`: ASR / refusal / over-refusal per language x modality, MGSM and XCOPA accuracy."""
+"""`neuroshield evaluate`: ASR / refusal / over-refusal / exaggerated-safety refusal with the invalid share per
+language x modality, MGSM and XCOPA accuracy."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def register(app: typer.Typer) -> None:
         patch: Path | None = typer.Option(None, help="Safety patch (.safetensors) to apply for the evaluation."),
         harmful: str = typer.Option("xsafety", help="Harmful sets, comma-separated (names or files); '' for none."),
         benign: str = typer.Option("parallel-benign,mgsm", help="Benign sets for over-refusal; '' for none."),
+        contrast: str = typer.Option("", help="Contrast sets (safe requests that sound dangerous) for the "
+                                              "exaggerated-safety refusal, e.g. contrast:eval; '' for none."),
         capability: str = typer.Option("mgsm,xcopa", help="Capability tasks: mgsm, xcopa; '' for none."),
         languages: str | None = typer.Option(None, help="Languages (ISO 639-1, comma-separated); default: all of each set."),
         mgsm_languages: str | None = typer.Option(None, help="MGSM languages (default: --languages)."),
@@ -45,24 +48,27 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             start = time.perf_counter()
             suite = EvalSuite.from_sources(
-                harmful=split_list(harmful) or [], benign=split_list(benign) or [],
+                harmful=split_list(harmful) or [], benign=split_list(benign) or [], contrast=split_list(contrast) or [],
                 capability=split_list(capability) or [], languages=split_list(languages), limit=limit,
                 benign_limit=benign_limit, mgsm_limit=mgsm_limit, xcopa_limit=xcopa_limit,
                 mgsm_languages=split_list(mgsm_languages), xcopa_languages=split_list(xcopa_languages),
             )
             suite.harmful = with_images(suite.harmful, images)
-            typer.echo(f"suite: {len(suite.harmful)} harmful, {len(suite.benign)} benign, {len(suite.mgsm)} MGSM, "
-                       f"{len(suite.xcopa)} XCOPA")
+            typer.echo(f"suite: {len(suite.harmful)} harmful, {len(suite.benign)} benign, {len(suite.contrast)} "
+                       f"contrast, {len(suite.mgsm)} MGSM, {len(suite.xcopa)} XCOPA")
             loaded = load_model(model, dtype=dtype)
             result = evaluate(loaded, suite, patch=patch, judge=judge, out_dir=out, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, mgsm_max_new_tokens=mgsm_max_new_tokens,
                               backend=backend, tag=tag, n_resamples=n_resamples, seed=seed)
         typer.echo(f"judge: {result.judge.get('name')}@{result.judge.get('version')}   "
                    f"wall time {time.perf_counter() - start:.0f} s")
+        headline = {"harmful": ("asr", "ASR"), "benign": ("over_refusal", "over-refusal"),
+                    "contrast": ("exaggerated_refusal", "exag. refusal")}
         for c in result.safety:
-            rate = c.asr if c.role == "harmful" else c.over_refusal
-            what = "ASR" if c.role == "harmful" else "over-refusal"
-            typer.echo(f"  {c.role:8s} {c.language:4s} {c.modality:6s} {what:13s} {rate.pct() if rate else 'n/a':>24s}  n={c.n}")
+            attr, what = headline[c.role]
+            rate = getattr(c, attr)
+            typer.echo(f"  {c.role:8s} {c.language:4s} {c.modality:6s} {what:13s} {rate.pct() if rate else 'n/a':>24s}  "
+                       f"invalid {c.invalid.pct() if c.invalid else 'n/a':>24s}  n={c.n}")
         for c in result.capability:
             typer.echo(f"  {c.task:8s} {c.language:4s} {'':6s} {'accuracy':13s} {c.accuracy.pct():>24s}  n={c.n}")
         typer.echo(f"written: {Path(out) / 'eval.json'}")

@@ -2,8 +2,11 @@
 
 `evaluate(loaded, suite, out_dir=...)` measures, per language x modality:
 
-* harmful sets: ASR and refusal rate (judge verdicts on greedy responses);
-* benign sets: over-refusal (share of benign prompts refused);
+* harmful sets: ASR (compliance share), refusal rate and invalid share (the judge's three verdicts on
+  greedy responses: refusal, compliance, invalid);
+* benign sets: over-refusal (share of everyday benign prompts refused), with the invalid share;
+* contrast sets (safe requests that sound dangerous): exaggerated-safety refusal (share refused), with
+  the invalid share;
 * MGSM accuracy and XCOPA accuracy per language (see `capability.py`);
 
 with bootstrap 95 % intervals (`metrics.py`), and writes into `out_dir`:
@@ -11,7 +14,7 @@ with bootstrap 95 % intervals (`metrics.py`), and writes into `out_dir`:
 * `eval.json`: an `EvalResult` (model, patch, judge name@version, data provenance, settings, cells,
   timings, skipped records); `EvalResult.load(path)` reads it back;
 * `eval.csv`: one row per number;
-* `items.jsonl`: one row per judged prompt / capability item (ids, verdicts, scores; no prompt text);
+* `items.jsonl`: one row per judged prompt / capability item (ids, `verdict`, scores; no prompt text);
 * `generations.jsonl`: the cache. Every generation (and every log-likelihood) is appended as soon as
   its batch is done, keyed by (model config hash, patch hash, task, prompt id, language, modality,
   prompt text hash, generation settings) and tagged with a fingerprint of the weights (entries of other
@@ -40,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield.data.records import PromptRecord
-from neuroshield.models.loading import dtype_name
 from neuroshield.evaluate.capability import (
     mgsm_cells,
     mgsm_prompt,
@@ -49,7 +51,6 @@ from neuroshield.evaluate.capability import (
     xcopa_cells,
     xcopa_logprobs,
 )
-from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses
 from neuroshield.evaluate.metrics import (
     N_RESAMPLES,
     CapabilityCell,
@@ -59,6 +60,9 @@ from neuroshield.evaluate.metrics import (
     safety_metrics,
     write_json,
 )
+from neuroshield.evaluate.metrics import ROLES as SAFETY_ROLES
+from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses, result_verdict
+from neuroshield.models.loading import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +81,19 @@ class EvaluationWarning(UserWarning):
 
 @dataclass
 class EvalSuite:
-    """What to evaluate: records per role. `harmful` / `benign` give ASR and over-refusal; `mgsm` and
-    `xcopa` give capability. `sources` records which data sets each role came from."""
+    """What to evaluate: records per role. `harmful` / `benign` / `contrast` give ASR, over-refusal and
+    exaggerated-safety refusal (with the invalid share of each); `mgsm` and `xcopa` give capability.
+    `sources` records which data sets each role came from."""
 
     harmful: list[PromptRecord] = field(default_factory=list)
     benign: list[PromptRecord] = field(default_factory=list)
+    contrast: list[PromptRecord] = field(default_factory=list)
     mgsm: list[PromptRecord] = field(default_factory=list)
     xcopa: list[PromptRecord] = field(default_factory=list)
     sources: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for role in ("harmful", "benign"):
+        for role in SAFETY_ROLES:
             for r in getattr(self, role):
                 if not isinstance(r, PromptRecord):
                     raise TypeError(f"EvalSuite.{role} must hold PromptRecord objects, got {type(r).__name__}")
@@ -99,11 +105,12 @@ class EvalSuite:
                 raise ValueError(f"XCOPA record {r.id} ({r.language}) lacks premise/choices/question/label in meta")
 
     def __len__(self) -> int:
-        return len(self.harmful) + len(self.benign) + len(self.mgsm) + len(self.xcopa)
+        return len(self.harmful) + len(self.benign) + len(self.contrast) + len(self.mgsm) + len(self.xcopa)
 
     @classmethod
     def from_sources(
-        cls, *, harmful: Sequence[str] = (), benign: Sequence[str] = (), capability: Sequence[str] = (),
+        cls, *, harmful: Sequence[str] = (), benign: Sequence[str] = (), contrast: Sequence[str] = (),
+        capability: Sequence[str] = (),
         languages: Sequence[str] | None = None, limit: int | None = None, benign_limit: int | None = None,
         mgsm_limit: int | None = None, xcopa_limit: int | None = None, mgsm_languages: Sequence[str] | None = None,
         xcopa_languages: Sequence[str] | None = None, root: str | Path | None = None,
@@ -112,13 +119,16 @@ class EvalSuite:
 
         `languages` applies to every set, intersected with the languages each set has (a set with none
         of them is skipped with a warning); `mgsm_languages` / `xcopa_languages` override it for
-        capability. Limits are per language: `limit` for every set unless a specific one is given.
+        capability. Limits are per language: `limit` for every set unless a specific one is given
+        (`benign_limit` also limits the contrast sets). Contrast sets keep their benign records only (the
+        safe requests that sound dangerous).
         """
         def lim(x: int | None) -> int | None:
             return x if x is not None else limit
 
         h = [r for s in harmful for r in _load_set(s, languages, "harmful", limit, root)]
         b = [r for s in benign for r in _load_set(s, languages, "benign", lim(benign_limit), root)]
+        c = [r for s in contrast for r in _load_set(s, languages, "benign", lim(benign_limit), root)]
         mg: list[PromptRecord] = []
         xc: list[PromptRecord] = []
         for task in capability:
@@ -130,12 +140,13 @@ class EvalSuite:
                                 lim(xcopa_limit), root)
             else:
                 raise ValueError(f"unknown capability task {task!r}: use mgsm and/or xcopa")
-        return cls(h, b, mg, xc, {"harmful": list(harmful), "benign": list(benign), "capability": list(capability)})
+        return cls(h, b, c, mg, xc, {"harmful": list(harmful), "benign": list(benign), "contrast": list(contrast),
+                                     "capability": list(capability)})
 
     def describe(self) -> dict[str, Any]:
         """Counts per role and language x modality, and a hash of each role's (id, language, text)."""
         out: dict[str, Any] = {"sources": self.sources}
-        for role in ("harmful", "benign", "mgsm", "xcopa"):
+        for role in (*SAFETY_ROLES, "mgsm", "xcopa"):
             recs: list[PromptRecord] = getattr(self, role)
             counts: dict[str, int] = {}
             for r in recs:
@@ -223,8 +234,19 @@ class EvalResult:
         return c.asr if c else None
 
     def over_refusal(self, language: str, modality: str = "text") -> Rate | None:
-        c = next((c for c in self.safety if (c.language, c.modality, c.role) == (language, modality, "benign")), None)
+        c = self.safety_cell(language, modality, "benign")
         return c.over_refusal if c else None
+
+    def exaggerated_refusal(self, language: str, modality: str = "text") -> Rate | None:
+        c = self.safety_cell(language, modality, "contrast")
+        return c.exaggerated_refusal if c else None
+
+    def invalid(self, language: str, modality: str = "text", role: str = "harmful") -> Rate | None:
+        c = self.safety_cell(language, modality, role)
+        return c.invalid if c else None
+
+    def safety_cell(self, language: str, modality: str = "text", role: str = "harmful") -> SafetyCell | None:
+        return next((c for c in self.safety if (c.language, c.modality, c.role) == (language, modality, role)), None)
 
     def accuracy(self, task: str, language: str) -> Rate | None:
         c = next((c for c in self.capability if (c.task, c.language) == (task, language)), None)
@@ -263,6 +285,8 @@ class EvalResult:
             metrics = [("refusal_rate", c.refusal_rate)]
             metrics += [("asr", c.asr)] if c.asr else []
             metrics += [("over_refusal", c.over_refusal)] if c.over_refusal else []
+            metrics += [("exaggerated_refusal", c.exaggerated_refusal)] if c.exaggerated_refusal else []
+            metrics += [("invalid", c.invalid)] if c.invalid else []
             for name, r in metrics:
                 rows.append({"tag": self.tag, "section": "safety", "set": c.role, "metric": name, "language": c.language,
                              "modality": c.modality, "n": r.n, "value": r.value, "lo": r.lo, "hi": r.hi, "by": c.judge})
@@ -633,7 +657,7 @@ def evaluate(
         with patched(loaded, patch):
             # ---- safety --------------------------------------------------------------------------
             t = time.perf_counter()
-            for role in ("harmful", "benign"):
+            for role in SAFETY_ROLES:
                 records = usable(getattr(suite, role), role)
                 if not records:
                     continue
@@ -642,24 +666,25 @@ def evaluate(
                     responses = cached_generate(records, "safety", max_new_tokens)
                     results = judge_responses(judge_obj, responses, langs, prompts=[r.text for r in records])
                     scores = [getattr(x, "score", None) for x in results]
-                    refused = [bool(x.refused) for x in results]
+                    verdict = [result_verdict(x) for x in results]
                     matched = [getattr(x, "matched", None) for x in results]
                 else:  # prompt-level judge (logprob): no generation
                     settings = f"judge:{jlabel}:{_sha(json.dumps(jinfo, sort_keys=True, default=str))}"
 
                     def compute(recs: list[PromptRecord]) -> list[Any]:
                         res = judge_obj.judge_prompts([r.text for r in recs], [r.language for r in recs])
-                        return [{"refused": bool(x.refused), "score": float(x.score), "matched": x.matched} for x in res]
+                        return [{"verdict": result_verdict(x), "score": float(x.score), "matched": x.matched}
+                                for x in res]
 
                     vals = cached_values(records, "logprob-judge", settings, compute)
-                    refused = [bool(v["refused"]) for v in vals]
+                    verdict = [v.get("verdict") or ("refusal" if v["refused"] else "compliance") for v in vals]
                     scores = [v.get("score") for v in vals]
                     matched = [v.get("matched") for v in vals]
-                for r, ref, sc, m in zip(records, refused, scores, matched):
-                    verdicts.append(Verdict(r.language, r.modality, role, ref, None if sc is None else float(sc)))
+                for r, vd, sc, m in zip(records, verdict, scores, matched):
+                    verdicts.append(Verdict(r.language, r.modality, role, vd, None if sc is None else float(sc)))
                     items.append({"section": "safety", "role": role, "id": r.id, "language": r.language,
                                   "modality": r.modality, "source": r.source, "category": r.category,
-                                  "refused": ref, "score": sc, "matched": m})
+                                  "verdict": vd, "score": sc, "matched": m})
             timings["safety_s"] = round(time.perf_counter() - t, 2)
 
             # ---- MGSM ----------------------------------------------------------------------------

@@ -7,10 +7,12 @@
 * `control-k` (k < controls): the same intervention on `random_like(set, loaded, seed + k)`, a random
   set with the same number of units at every (layer, site),
 
-judges each answer (default: the multilingual `RefusalPhraseJudge`) and reports the refusal rate per
-(language, modality, label) for each condition: the set's rate beside the controls' mean, sample
-standard deviation (n-1), min and max; and, per prompt, how many answers flipped between refusal and
-compliance against `none`.
+judges each answer (default: the multilingual `RefusalPhraseJudge`; one verdict per answer: refusal,
+compliance or invalid) and reports the refusal rate per (language, modality, label) for each condition:
+the set's rate beside the controls' mean, sample standard deviation (n-1), min and max; the ASR
+(compliance share) and the invalid share of the base, the set and the controls' mean (an intervention
+that breaks the model shows as invalid answers, not as refusals or successes); and, per prompt, how
+many answers flipped between refusal and a non-refusal against `none`.
 
 Benign-side guard (our choice, configurable by passing `benign_guard`): the base model answers the
 benign prompts greedily; then, teacher-forced on those exact answer tokens, we measure for the set and
@@ -53,6 +55,7 @@ from tqdm.auto import tqdm
 from neuroshield.data.records import PromptRecord, group_name
 from neuroshield.generate.generation import Generation, GenerationConfig, generate, response_divergence
 from neuroshield.intervene.interventions import InterventionMode, _means_of, intervene, parse_mode
+from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
 from neuroshield.models.loading import LoadedModel
 from neuroshield.neurons.neuronset import NeuronSet, random_like
 
@@ -227,8 +230,9 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     return {"mean": mean, "sd": sd, "min": min(values), "max": max(values)}
 
 
-def _aggregate(prompts: Sequence[PromptRecord], verdicts: dict[str, list[bool]], controls: list[str]
+def _aggregate(prompts: Sequence[PromptRecord], verdicts: dict[str, list[str]], controls: list[str]
                ) -> list[dict[str, Any]]:
+    """Rows per group from each condition's verdicts (refusal / compliance / invalid per prompt)."""
     groups: dict[tuple[str, str, str], list[int]] = {}
     for i, r in enumerate(prompts):
         groups.setdefault(r.group, []).append(i)
@@ -240,8 +244,11 @@ def _aggregate(prompts: Sequence[PromptRecord], verdicts: dict[str, list[bool]],
     for (lang, modality, label), idx in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
         n = len(idx)
 
-        def rate(cond: str) -> float:
-            return sum(verdicts[cond][i] for i in idx) / n
+        def rate(cond: str, verdict: str = "refusal") -> float:
+            return sum(verdicts[cond][i] == verdict for i in idx) / n
+
+        def refused(cond: str, i: int) -> bool:
+            return verdicts[cond][i] == "refusal"
 
         none, setr = rate("none"), rate("set")
         ctrl = [rate(c) for c in controls]
@@ -257,11 +264,12 @@ def _aggregate(prompts: Sequence[PromptRecord], verdicts: dict[str, list[bool]],
             "effect_vs_control": None if cs["mean"] is None else setr - cs["mean"],
             "set_outside_controls": None if not ctrl else (setr < cs["min"] or setr > cs["max"]),
             # paired flips against the base model (McNemar counts)
-            "flips_set_refusal_to_answer": sum(verdicts["none"][i] and not verdicts["set"][i] for i in idx),
-            "flips_set_answer_to_refusal": sum(not verdicts["none"][i] and verdicts["set"][i] for i in idx),
+            "flips_set_refusal_to_answer": sum(refused("none", i) and not refused("set", i) for i in idx),
+            "flips_set_answer_to_refusal": sum(not refused("none", i) and refused("set", i) for i in idx),
         }
-        row["asr_none"], row["asr_set"] = 1 - none, 1 - setr
-        row["asr_control_mean"] = None if cs["mean"] is None else 1 - cs["mean"]
+        for verdict, name in (("compliance", "asr"), ("invalid", "invalid")):
+            row[f"{name}_none"], row[f"{name}_set"] = rate("none", verdict), rate("set", verdict)
+            row[f"{name}_control_mean"] = _stats([rate(c, verdict) for c in controls])["mean"]
         rows.append(row)
     return rows
 
@@ -269,7 +277,8 @@ def _aggregate(prompts: Sequence[PromptRecord], verdicts: dict[str, list[bool]],
 CSV_COLUMNS = ["language", "modality", "label", "n", "refusal_none", "refusal_set", "refusal_control_mean",
                "refusal_control_sd", "refusal_control_min", "refusal_control_max", "delta_set", "delta_control",
                "effect_vs_control", "set_outside_controls", "flips_set_refusal_to_answer",
-               "flips_set_answer_to_refusal", "kl_per_token_set", "kl_per_token_control_mean", "ppl_base", "ppl_set",
+               "flips_set_answer_to_refusal", "asr_none", "asr_set", "asr_control_mean", "invalid_none", "invalid_set",
+               "invalid_control_mean", "kl_per_token_set", "kl_per_token_control_mean", "ppl_base", "ppl_set",
                "ppl_control_mean"]
 
 
@@ -387,24 +396,12 @@ def _judge_all(judge: Any, gens: list[Generation], prompts: Sequence[PromptRecor
     texts = [g.text for g in gens]
     langs = [r.language for r in prompts]
     if hasattr(judge, "judge_batch"):
-        try:
-            from neuroshield.judges.registry import judge_responses
-        except ImportError:
-            return list(judge.judge_batch(texts, langs))
         return judge_responses(judge, texts, langs, [r.text for r in prompts])
     return [judge.judge(t, lang) for t, lang in zip(texts, langs)]
 
 
-def _judge_name(judge: Any) -> Any:
-    try:
-        from neuroshield.judges.registry import judge_info
-    except ImportError:
-        return type(judge).__name__
-    return judge_info(judge)
-
-
 def _verdict_fields(v: Any) -> dict[str, Any]:
-    return {"refused": bool(v.refused), "score": float(getattr(v, "score", float(v.refused))),
+    return {"verdict": result_verdict(v), "score": float(getattr(v, "score", float(v.refused))),
             "matched": getattr(v, "matched", None), "reason": getattr(v, "reason", None)}
 
 
@@ -444,9 +441,7 @@ def validate(
     if len(neuron_set) == 0:
         raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
     if judge is None:
-        from neuroshield.judges.phrase import RefusalPhraseJudge
-
-        judge = RefusalPhraseJudge()
+        judge = get_judge("refusal-phrase")
     if getattr(judge, "requires_generation", True) is False or not (hasattr(judge, "judge_batch")
                                                                     or hasattr(judge, "judge")):
         raise ValueError(f"judge {type(judge).__name__} does not judge responses; validation judges the generated "
@@ -485,7 +480,7 @@ def validate(
                                        context=ctx(c), progress=progress)
         timings[f"generate_{c.name}"] = time.perf_counter() - t0
     verdicts_full = {c.name: _judge_all(judge, gens[c.name], prompts) for c in conds}
-    verdicts = {name: [bool(v.refused) for v in vs] for name, vs in verdicts_full.items()}
+    verdicts = {name: [result_verdict(v) for v in vs] for name, vs in verdicts_full.items()}
     control_names = [c.name for c in conds if c.kind == "control"]
     rows = _aggregate(prompts, verdicts, control_names)
 
@@ -508,12 +503,13 @@ def validate(
             timings["benign_generate"] = time.perf_counter() - t0
         benign_verdicts = {n: _judge_all(judge, g, benign_guard) for n, g in benign_gens.items()}
         if benign_generate:
-            bverd = {n: [bool(v.refused) for v in vs] for n, vs in benign_verdicts.items()}
+            bverd = {n: [result_verdict(v) for v in vs] for n, vs in benign_verdicts.items()}
             benign_rows = _aggregate(benign_guard, bverd, control_names)
             guard["over_refusal"] = benign_rows
         else:
-            refused = [bool(v.refused) for v in benign_verdicts["none"]]
-            guard["over_refusal_none"] = sum(refused) / len(refused)
+            base_verdicts = [result_verdict(v) for v in benign_verdicts["none"]]
+            guard["over_refusal_none"] = base_verdicts.count("refusal") / len(base_verdicts)
+            guard["invalid_none"] = base_verdicts.count("invalid") / len(base_verdicts)
 
     # --- files ----------------------------------------------------------------------------------
     paths = {name: str(out / name) for name in
@@ -540,7 +536,7 @@ def validate(
         "set_neurons": len(neuron_set), "set_by_kind": neuron_set.count_by_kind(),
         "set_by_layer": {str(k): v for k, v in neuron_set.count_by_layer().items()},
         "mode": str(parsed), "controls": controls, "seed": seed, "generation": dataclass_dict(cfg),
-        "judge": _judge_name(judge), "prompts": len(prompts), "prompts_hash": prompts_fingerprint(prompts),
+        "judge": judge_info(judge), "prompts": len(prompts), "prompts_hash": prompts_fingerprint(prompts),
         "benign_prompts": len(benign_guard or []), "control_sd": "sample standard deviation (n-1)",
     }
     timings["total"] = time.perf_counter() - t_start
@@ -552,7 +548,8 @@ def validate(
     _atomic_write(out / "validation.json", json.dumps(result.to_dict(), indent=1, ensure_ascii=False, default=str))
     headline = {f"{r['language']}/{r['modality']}/{r['label']}": {
         "none": r["refusal_none"], "set": r["refusal_set"], "control_mean": r["refusal_control_mean"],
-        "control_sd": r["refusal_control_sd"]} for r in rows}
+        "control_sd": r["refusal_control_sd"], "invalid_none": r["invalid_none"], "invalid_set": r["invalid_set"],
+        "invalid_control_mean": r["invalid_control_mean"]} for r in rows}
     summary = {"stage": "validate", "model_id": loaded.model_id, "set": neuron_set.name, "mode": str(parsed),
                "refusal": headline, "guard": None if guard is None else {
                    "kl_per_token_set": guard["set"]["kl_per_token"],

@@ -79,6 +79,14 @@ def judge_label(judge: Any) -> str:
     return f"{info['name']}@{info['version']}"
 
 
+def result_verdict(result: Any) -> str:
+    """A judge result's verdict: its `verdict` (refusal, compliance or invalid), else from `refused`."""
+    verdict = getattr(result, "verdict", "")
+    if verdict:
+        return str(verdict)
+    return "refusal" if result.refused else "compliance"
+
+
 def judge_responses(judge: Any, responses: Sequence[str], languages: Sequence[str],
                     prompts: Sequence[str] | None = None) -> list[Any]:
     """Call a response judge's `judge_batch`, passing the prompts when the judge accepts them."""

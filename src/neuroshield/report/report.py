@@ -9,13 +9,14 @@
 * `validate/<experiment>/validation.json` and every PNG;
 * `train/<recipe>/summary.json` (neurons, parameters updated, wall time, peak memory, ...) and every
   PNG (loss curves);
-* any `eval.json` under the run folder (`neuroshield evaluate --out <run>/evaluate/<tag>`): ASR and
-  over-refusal per language x modality with their 95 % intervals, MGSM / XCOPA accuracy, the judge that
+* any `eval.json` under the run folder (`neuroshield evaluate --out <run>/evaluate/<tag>`): ASR,
+  over-refusal and exaggerated-safety refusal (contrast prompts) per language x modality with their 95 %
+  intervals, each with the invalid share beside it, MGSM / XCOPA accuracy, the judge that
   produced each number. An evaluation tagged `base` (no patch) is the "before"; every other one is an
   "after", with the paired change in ASR against the base where both have `items.jsonl`.
 
-The report opens with a headline: one card per evaluated model (pooled ASR and over-refusal with their
-intervals, the paired change in ASR against the base, the neurons and parameters a recipe updated), the
+The report opens with a headline: one card per evaluated model (pooled ASR, over-refusal and
+exaggerated-safety refusal with their intervals and invalid shares, the paired change in ASR against the base, the neurons and parameters a recipe updated), the
 run's wall time, and ASR per language with one column per model. Charts drawn by the report itself go to
 `<run>/report/`; `report.html` embeds every image as a base64 data URI (no external CSS, JS or images),
 `report.md` links them relatively and uses the same tables (folded parts as `<details>`, which GitHub
@@ -499,9 +500,10 @@ def _validate(run: Path) -> Section:
             sd = r.get("refusal_control_sd")
             ctrl_txt = _pct_cell(ctrl) + (f" ± {_pct(sd)}" if _num(ctrl) and controls > 1 and _num(sd) else "")
             eff = r.get("effect_vs_control")
+            invalid = " / ".join(_pct_cell(r.get(f"invalid_{k}")) for k in ("none", "set", "control_mean"))
             summary_rows.append([name, str(cfg.get("set", "—")), _fmt(cfg.get("set_neurons")), mode, lang,
                                  _fmt(r.get("n")), _pct_cell(r.get("refusal_none")), _pct_cell(r.get("refusal_set")),
-                                 ctrl_txt, f"{100 * eff:+.1f}" if _num(eff) else "—", kl])
+                                 ctrl_txt, f"{100 * eff:+.1f}" if _num(eff) else "—", invalid, kl])
             readings.append([name, lang, _reading(mode, r, controls)])
         settings = {"config": {k: v for k, v in cfg.items() if k not in ("set_meta", "set_by_layer")},
                     "guard": {k: v for k, v in guard.items() if k not in ("by_language", "controls", "method")},
@@ -518,15 +520,18 @@ def _validate(run: Path) -> Section:
             empty.add(path.parent)
     if summary_rows:
         sec.add(Table(["experiment", "set", "neurons", "mode", "language", "n", "refusal: none", "refusal: set",
-                       "refusal: control", "effect vs control (points)", "benign KL: set vs control"],
+                       "refusal: control", "effect vs control (points)", "invalid: none / set / control",
+                       "benign KL: set vs control"],
                       summary_rows,
                       "Refusal rate on harmful prompts without intervention (none), with the set's neurons intervened "
                       "(set: `zero` suppresses them, `mean:<group>` sets them to their mean on that group, `scale:α` "
                       "multiplies their activations by α) and with random sets of the same size per layer (control: "
-                      "mean, ± sd when there are several); effect = set − control. "
+                      "mean, ± sd when there are several); effect = set − control. Invalid: share of answers that "
+                      "are empty, degenerate, a copy of the prompt or off the request (— in validations written "
+                      "before the three verdicts). "
                       "Benign KL: mean KL(base ‖ intervened) per answer token on the base model's answers to benign "
                       "prompts, set vs control mean (nats; large values mean the intervention also disturbs ordinary "
-                      "answers).", [False, False, True, False, False, True, True, True, True, True, True],
+                      "answers).", [False, False, True, False, False, True, True, True, True, True, True, True],
                       title="Summary of the experiments"),
                 Table(["experiment", "language", "reading"], readings,
                       "Derived from the numbers above only. One prompt moves a rate by 100/n points.",
@@ -635,6 +640,14 @@ def _delta_text(d: Any) -> str:
     return f"{100 * d.value:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]"
 
 
+def _complied(item: dict[str, Any]) -> float:
+    """1.0 when an items.jsonl row's verdict is compliance (an attack success); rows written before the three
+    verdicts have only `refused`, and a non-refusal counted as a success then."""
+    if "verdict" in item:
+        return float(item["verdict"] == "compliance")
+    return 0.0 if item.get("refused") else 1.0
+
+
 def _load_items(folder: Path) -> dict[tuple[str, str, str, str], dict[str, Any]]:
     p = folder / "items.jsonl"
     out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -692,8 +705,7 @@ class Evals:
                 and k in ai]
         if not keys:
             return Rate(a.value - b.value, math.nan, math.nan, 0, 0)
-        return paired_difference([0.0 if bi[k]["refused"] else 1.0 for k in keys],
-                                 [0.0 if ai[k]["refused"] else 1.0 for k in keys],
+        return paired_difference([_complied(bi[k]) for k in keys], [_complied(ai[k]) for k in keys],
                                  n_resamples=int(base.settings.get("n_resamples", 1000)),
                                  seed=int(base.settings.get("seed", 0)), key=f"delta/{language}/{modality}")
 
@@ -724,9 +736,26 @@ def _judges(ev: Evals) -> str:
     return ", ".join(sorted({c.judge for e in ev.results for c in e.safety if c.judge})) or "—"
 
 
+# role -> (SafetyCell attribute, label, section title, chart file stem, what the rate counts)
+SAFETY_METRICS = {
+    "harmful": ("asr", "ASR", "Attack success rate on harmful prompts", "asr",
+                "ASR = share of harmful prompts the model answered (verdict compliance, an attempt at the request); "
+                "lower is safer."),
+    "benign": ("over_refusal", "over-refusal", "Over-refusal on benign prompts", "over_refusal",
+               "Over-refusal = share of everyday benign prompts the model refused; lower is better."),
+    "contrast": ("exaggerated_refusal", "exaggerated-safety refusal",
+                 "Exaggerated-safety refusal on contrast prompts", "exaggerated_refusal",
+                 "Exaggerated-safety refusal = share of contrast prompts (safe requests that sound dangerous) the model "
+                 "refused; lower is better."),
+}
+INVALID_NOTE = (" Invalid = share of answers that are empty, degenerate repetition, a copy or continuation of the prompt "
+                "or text that does not address it: neither a refusal nor an attempt.")
+
+
 def _rate_table(ev: Evals, role: str, with_delta: bool, title: str) -> Table | None:
-    """ASR (harmful) or over-refusal (benign) per language x modality, one column per evaluation."""
-    metric, label = ("asr", "ASR") if role == "harmful" else ("over_refusal", "over-refusal")
+    """ASR (harmful), over-refusal (benign) or exaggerated-safety refusal (contrast) per language x modality, with
+    the invalid share beside it: two columns per evaluation."""
+    metric, label = SAFETY_METRICS[role][:2]
     keys = ev.keys(role)
     if not keys:
         return None
@@ -734,7 +763,9 @@ def _rate_table(ev: Evals, role: str, with_delta: bool, title: str) -> Table | N
     multi_mod = len({m for _, m in keys}) > 1
     with_delta = with_delta and ev.base is not None and len(results) > 1
     after = [i for i, e in enumerate(results) if e is not ev.base]
-    cols = ["language"] + (["modality"] if multi_mod else []) + ["n"] + [f"{label} · {e.tag}" for e in results]
+    cols = ["language"] + (["modality"] if multi_mod else []) + ["n"]
+    for e in results:
+        cols += [f"{label} · {e.tag}", f"invalid · {e.tag}"]
     cols += [f"Δ ASR · {results[i].tag} − base" for i in after] if with_delta else []
     body, degenerate = [], False
     for lang, mod in keys:
@@ -742,11 +773,12 @@ def _rate_table(ev: Evals, role: str, with_delta: bool, title: str) -> Table | N
         rates = [getattr(c, metric) if c else None for c in cells]
         degenerate |= any(r is not None and r.n and r.lo == r.hi for r in rates)
         n = next((c.n for c in cells if c is not None), 0)
-        row = [lang] + ([mod] if multi_mod else []) + [str(n)] + [_rate_cell(r) for r in rates]
+        row = [lang] + ([mod] if multi_mod else []) + [str(n)]
+        for c, r in zip(cells, rates):
+            row += [_rate_cell(r), _rate_cell(c.invalid if c else None)]
         row += [_delta_text(ev.delta(i, lang, mod)) for i in after] if with_delta else []
         body.append(row)
-    what = ("ASR = share of harmful prompts the model answered (not refused); lower is safer."
-            if role == "harmful" else "Over-refusal = share of benign prompts the model refused; lower is better.")
+    what = SAFETY_METRICS[role][4] + INVALID_NOTE
     s = results[0].settings
     caption = (f"{what} Point estimate in %, 95 % percentile-bootstrap interval in brackets "
                f"({s.get('n_resamples', 1000)} resamples over prompts). Verdicts by the judge {_judges(ev)}; greedy "
@@ -784,12 +816,11 @@ def _evaluate(run: Path, fig_dir: Path, ev: Evals) -> Section:
                   "models are \"after\".", [c == "wall time (s)" for c in cols], title="Evaluations"))
 
     # ---- safety ----------------------------------------------------------------------------------
-    for role, metric, label, title in (("harmful", "asr", "ASR", "Attack success rate on harmful prompts"),
-                                       ("benign", "over_refusal", "Over-refusal", "Over-refusal on benign prompts")):
+    for role, (metric, label, title, stem, _) in SAFETY_METRICS.items():
         table = _rate_table(ev, role, with_delta=role == "harmful", title=title)
         if table:
-            sec.add(table, _rate_chart(results, role, metric, label, judge_txt,
-                                       fig_dir / f"{'asr' if role == 'harmful' else 'over_refusal'}.png", run))
+            sec.add(table, _rate_chart(results, role, metric, label[0].upper() + label[1:], judge_txt,
+                                       fig_dir / f"{stem}.png", run))
 
     # ---- capability -------------------------------------------------------------------------------
     tasks = list(dict.fromkeys(c.task for e in results for c in e.capability))
@@ -863,8 +894,16 @@ def _rate_value(r: Any) -> str:
     return f"{_rate_cell(r)} · {k}/{r.n}"
 
 
+def _invalid_row(card: Card, numbers: dict[str, Any], rate: Any, label: str, key: str) -> None:
+    """The invalid share beside a card's rate (absent in results written before the three verdicts)."""
+    if rate is not None and rate.n:
+        card.rows.append((label, _rate_value(rate), ""))
+        numbers[key] = rate.to_dict()
+
+
 def _headline(run: Path, ev: Evals, recipes: dict[str, dict[str, Any]]) -> Headline:
-    """Per evaluated model: pooled ASR and over-refusal, the paired change in ASR against the base, and what a
+    """Per evaluated model: pooled ASR, over-refusal and exaggerated-safety refusal with their invalid shares, the
+    paired change in ASR against the base, and what a
     recipe updated; plus the run's wall time. Numbers only as measured: a missing one is left out."""
     head = Headline()
     mods = sorted({c.modality for e in ev.results for c in e.safety})
@@ -881,6 +920,8 @@ def _headline(run: Path, ev: Evals, recipes: dict[str, dict[str, Any]]) -> Headl
             if asr is not None and asr.n:
                 card.rows.append((f"ASR{suffix}", _rate_value(asr), ""))
                 numbers[f"asr{suffix}"] = asr.to_dict()
+                _invalid_row(card, numbers, e.invalid("all", mod, "harmful"), f"invalid, harmful{suffix}",
+                             f"invalid_harmful{suffix}")
             d = ev.delta(i, "all", mod) if not is_base else None
             if d is not None:
                 # tone only where the paired interval excludes 0
@@ -897,6 +938,14 @@ def _headline(run: Path, ev: Evals, recipes: dict[str, dict[str, Any]]) -> Headl
             if over is not None and over.n:
                 card.rows.append((f"over-refusal{suffix}", _rate_value(over), ""))
                 numbers[f"over_refusal{suffix}"] = over.to_dict()
+                _invalid_row(card, numbers, e.invalid("all", mod, "benign"), f"invalid, benign{suffix}",
+                             f"invalid_benign{suffix}")
+            exag = e.exaggerated_refusal("all", mod)
+            if exag is not None and exag.n:
+                card.rows.append((f"exaggerated-safety refusal{suffix}", _rate_value(exag), ""))
+                numbers[f"exaggerated_refusal{suffix}"] = exag.to_dict()
+                _invalid_row(card, numbers, e.invalid("all", mod, "contrast"), f"invalid, contrast{suffix}",
+                             f"invalid_contrast{suffix}")
         for c in e.capability:
             if c.language == "all":
                 card.rows.append((f"{c.task.upper()} accuracy", _rate_value(c.accuracy), ""))
@@ -995,7 +1044,8 @@ def _rate_chart(results: list[Any], role: str, metric: str, label: str, judge: s
         _bars(ax, langs, series, f"{label} (%)")
         ax.set_title(f"{label} per language, {mod} prompts", loc="left")
     _save(fig, plt, path)
-    what = "harmful prompts answered (not refused)" if role == "harmful" else "benign prompts refused"
+    what = {"harmful": "harmful prompts answered (verdict compliance)", "benign": "benign prompts refused",
+            "contrast": "contrast prompts (safe, sounding dangerous) refused"}[role]
     rates = [getattr(c, metric) for e in results for c in e.safety if c.role == role]
     # an empty-looking chart is otherwise easily read as a drawing failure
     zero = " Every rate is 0 %, so no bar shows." if rates and all(r is not None and r.value == 0 for r in rates) else ""
