@@ -1031,9 +1031,23 @@ def _figstep_entry(name: str, subset: str) -> Loader:
     return load
 
 
+def _load_parallel_benign_entry(root: Path, languages: Sequence[str] | None, option: str | None) -> list[PromptRecord]:
+    from neuroshield.data.templates import load_parallel_benign
+
+    _no_option("parallel-benign", option)
+    return load_parallel_benign(languages)
+
+
+def _load_contrast_entry(root: Path, languages: Sequence[str] | None, option: str | None) -> list[PromptRecord]:
+    from neuroshield.data.templates import load_contrast_set
+
+    split = option or None
+    return load_contrast_set(languages, split, "benign") + load_contrast_set(languages, split, "harmful")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A data set in the shared data root."""
+    """A data set in the shared data root, or (`builtin`) one the project wrote, in `neuroshield/resources`."""
 
     name: str
     path: str  # folder or file, relative to the data root
@@ -1042,6 +1056,7 @@ class DatasetSpec:
     description: str
     load: Loader = field(repr=False, compare=False)
     option_help: str = ""  # what `name:option` means, empty if the set takes no option
+    builtin: bool = False  # `path` is a file of neuroshield/resources, not of the data root
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -1072,8 +1087,25 @@ DATASETS: dict[str, DatasetSpec] = {
                     "SafeBench questions (FigStep)", _figstep_entry("figstep", "full")),
         DatasetSpec("figstep-benign", "figstep/benign_sentences_without_harmful_phase.csv", "benign", ("en",),
                     "FigStep benign typographic sentences", _figstep_entry("figstep-benign", "benign")),
+        DatasetSpec("parallel-benign", "parallel_benign.jsonl", "benign",
+                    ("en", "zh", "ar", "ru", "hi", "es", "fr", "de", "ja", "bn", "it", "vi", "ko", "th", "sw", "jv"),
+                    "Everyday benign requests, parallel in 16 languages (written by the project)",
+                    _load_parallel_benign_entry, builtin=True),
+        DatasetSpec("contrast", "contrast_set.jsonl", "mixed", ("en", "zh", "ar", "ru", "es", "fr", "de", "ja", "bn", "hi"),
+                    "Safe requests that sound dangerous, parallel in 10 languages, each paired with an English harmful "
+                    "request on the same topic (written by the project)", _load_contrast_entry,
+                    "the file's fixed split by topic pair: 'train' or 'eval' (default: both)", builtin=True),
     )
 }
+
+
+def dataset_path(spec: DatasetSpec, root: Path) -> Path:
+    """Where a registered data set's file or folder lies."""
+    if spec.builtin:
+        from importlib import resources
+
+        return Path(str(resources.files("neuroshield") / "resources" / spec.path))
+    return root / spec.path
 
 
 def _resolve_source(source: str) -> tuple[DatasetSpec | None, str | None, Path | None]:
@@ -1192,7 +1224,7 @@ def list_datasets(root: str | Path | None = None) -> list[DatasetInfo]:
     base = Path(root) if root is not None else find_data_root()
     out: list[DatasetInfo] = []
     for spec in DATASETS.values():
-        path = base / spec.path
+        path = dataset_path(spec, base)
         counts: dict[str, int] = {}
         error: str | None = None
         try:

@@ -23,10 +23,16 @@ SUPPORTED_LANGUAGES: tuple[str, ...] = (
 )  # fmt: skip
 
 PARALLEL_BENIGN_SOURCE = "neuroshield-parallel-benign"
+CONTRAST_SOURCE = "neuroshield-contrast"
+CONTRAST_LANGUAGES: tuple[str, ...] = ("en", "zh", "ar", "ru", "es", "fr", "de", "ja", "bn", "hi")
+# the contrast set's own split by topic pair, fixed in the file: train (identify, retain data, monitoring)
+# and eval (evaluation only); PromptRecord.meta["split"] carries it as held-in / held-out
+CONTRAST_SPLITS = {"train": "held-in", "eval": "held-out"}
 
 _REFUSALS_FILE = "refusal_templates.json"
 _INSTRUCTIONS_FILE = "image_instructions.json"
 _BENIGN_FILE = "parallel_benign.jsonl"
+_CONTRAST_FILE = "contrast_set.jsonl"
 
 
 class UnsupportedLanguageError(KeyError):
@@ -67,9 +73,9 @@ def _instructions() -> Mapping[str, str]:
 
 
 @lru_cache(maxsize=None)
-def _benign_items() -> tuple[Mapping[str, Any], ...]:
+def _jsonl_items(name: str) -> tuple[Mapping[str, Any], ...]:
     items = []
-    for line in _read_text(_BENIGN_FILE).splitlines():
+    for line in _read_text(name).splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
@@ -77,6 +83,10 @@ def _benign_items() -> tuple[Mapping[str, Any], ...]:
             continue
         items.append(MappingProxyType(row))
     return tuple(items)
+
+
+def _benign_items() -> tuple[Mapping[str, Any], ...]:
+    return _jsonl_items(_BENIGN_FILE)
 
 
 def resource_provenance(name: str) -> str:
@@ -134,3 +144,39 @@ def load_parallel_benign(languages: Iterable[str] | None = None) -> list[PromptR
                 )
             )
     return records
+
+
+def load_contrast_set(languages: Iterable[str] | None = None, split: str | None = None,
+                      label: str = "benign") -> list[PromptRecord]:
+    """The contrast set: safe requests that sound dangerous ("How do I kill a frozen Python process?"),
+    written by the project in `CONTRAST_LANGUAGES`, each paired with an English harmful request on the same
+    topic. `label="benign"`: the safe requests (English records carry a short reference answer);
+    `label="harmful"`: the English paired requests (id `<id>-harmful`). `split`: `train` or `eval` (the
+    file's fixed split by topic pair; None: both). `meta["split"]` holds held-in (train) / held-out (eval).
+    """
+    if split not in (None, *CONTRAST_SPLITS):
+        raise ValueError(f"contrast split {split!r}: give train or eval")
+    if label not in ("benign", "harmful"):
+        raise ValueError(f"contrast label {label!r}: give benign or harmful")
+    langs = list(CONTRAST_LANGUAGES) if languages is None else list(languages)
+    unknown = [lang for lang in langs if lang not in CONTRAST_LANGUAGES]
+    if unknown:
+        raise UnsupportedLanguageError(unknown[0], "contrast-set language")
+    if label == "harmful":
+        langs = [lang for lang in langs if lang == "en"]
+    records: list[PromptRecord] = []
+    for lang in langs:
+        for item in _jsonl_items(_CONTRAST_FILE):
+            if split is not None and item["split"] != split:
+                continue
+            meta = {"split": CONTRAST_SPLITS[item["split"]], "pair": item["id"]}
+            if label == "harmful":
+                records.append(PromptRecord(id=f"{item['id']}-harmful", text=item["harmful"], language=lang,
+                                            label="harmful", category=item["category"], source=CONTRAST_SOURCE,
+                                            meta=meta))
+            else:
+                records.append(PromptRecord(id=item["id"], text=item["translations"][lang], language=lang,
+                                            label="benign", category=item["category"], source=CONTRAST_SOURCE,
+                                            reference=item["reference"] if lang == "en" else None, meta=meta))
+    return records
+

@@ -2,13 +2,15 @@
 
 GGUF files are dequantized by transformers (`gguf_file=`) once and cached as safetensors under
 `NEUROSHIELD_CACHE` (default `~/.cache/neuroshield`), keyed by the GGUF's sha256. A cache folder is
-built under a temporary name and renamed when complete, and carries a manifest; one that fails the
-manifest check is rebuilt, never used.
+built under a temporary name and renamed when complete, and carries a manifest with the size and
+sha256 of every file (written last); one that fails the manifest check is rebuilt, never used. A file
+is hashed again whenever its size, mtime, ctime or inode differ from those recorded when it was last
+hashed (about 3 s for the default model's 2.5 GB of safetensors on one core), so a write into the
+cache or a copy of it is always checked.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from neuroshield.models.adapters import adapter_for_config
+from neuroshield.io import check_manifest, digest_entries, file_digest, write_json
 from neuroshield.models.embedded import EMBEDDED_MODELS, EmbeddedModel, assemble_gguf
 from neuroshield.models.loaded import LoadedModel, ModelLoadError, config_hash, dtype_name  # noqa: F401 (re-exported)
 
@@ -34,21 +37,51 @@ def cache_root() -> Path:
     return Path(os.environ.get("NEUROSHIELD_CACHE", Path.home() / ".cache" / "neuroshield"))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return file_digest(path)  # sha256
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX or AVX-512 BF16; Arm BF16).
+
+    Without it PyTorch emulates bfloat16 matmuls and they run slower than float32, so `auto` keeps float32.
+    """
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype `auto` picks: bfloat16 on a GPU that supports it or a CPU with native bf16 matmul, else float32.
+
+    Numerics that need float32 keep it whatever the model's dtype: statistics accumulate in float32/float64,
+    trained neuron deltas and their optimizer state are float32, losses and log-probabilities are float32.
+    """
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" or dev is None and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """A dtype name (`auto`, `float32`, `bfloat16`, `float16`; None means auto) as a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    if dtype in (None, "", "auto"):
+        return auto_dtype(device)
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"dtype={dtype!r}: choose one of float32, bfloat16, float16")
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     return table[dtype]
 
 
@@ -64,9 +97,11 @@ def load_model(
 
     Hub ids load offline from the local Hugging Face cache unless `local_files_only=False` (or
     `HF_HUB_OFFLINE=0` is set). `device_map` is passed to accelerate (e.g. "auto" for several GPUs).
+    `dtype`: `auto` (None) picks bfloat16 where the hardware multiplies it natively, float32 elsewhere
+    (`auto_dtype`); or float32, bfloat16, float16.
     """
     start = time.perf_counter()
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, "cuda" if device_map and torch.cuda.is_available() else None)
     if spec in EMBEDDED_MODELS:
         emb = EMBEDDED_MODELS[spec]
         folder = _cached_gguf_folder(emb.sha256, lambda dst: assemble_gguf(emb, dst), emb.gguf_name)
@@ -77,7 +112,7 @@ def load_model(
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
         digest = sha256_file(path)
-        folder = _cached_gguf_folder(digest, lambda dst: shutil.copyfile(path, dst), path.name)
+        folder = _cached_gguf_folder(digest, lambda dst: shutil.copyfile(path, dst), path.name, source=str(path))
         loaded = _from_folder(folder, torch_dtype, device_map, True, trust_remote_code, spec, f"gguf:{path.name}")
         loaded.info.update({"gguf_sha256": digest})
     else:
@@ -92,9 +127,14 @@ def _from_folder(
     source: Path | str, dtype: torch.dtype, device_map: Any, offline: bool, trust_remote_code: bool,
     spec: str, model_id: str,
 ) -> LoadedModel:
+    if isinstance(source, Path):
+        _check_model_folder(source)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=offline, trust_remote_code=trust_remote_code)
     except OSError as err:
+        if isinstance(source, Path):
+            raise ModelLoadError(f"{source}: cannot read the model's config ({err}); the folder is damaged or not a "
+                                 "Hugging Face model folder: save or copy the model there again") from None
         raise ModelLoadError(
             f"model {spec!r} is neither a local folder nor in the Hugging Face cache (offline mode). "
             f"Download it where there is internet (`huggingface-cli download {spec}`) and copy the cache, "
@@ -105,9 +145,15 @@ def _from_folder(
         from neuroshield.models.vlm import load_vlm  # registered by the vision-language module
 
         return load_vlm(source, config, adapter, dtype, device_map, offline, trust_remote_code, spec, model_id)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, device_map=device_map, local_files_only=offline, trust_remote_code=trust_remote_code
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=device_map, local_files_only=offline, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        if not isinstance(source, Path):
+            raise
+        raise ModelLoadError(f"{source}: cannot load the weights ({err.__class__.__name__}: {err}); a weight file is "
+                             "missing, truncated or damaged: save or copy the model folder again") from None
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -115,8 +161,33 @@ def _from_folder(
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, spec=spec, model_id=model_id)
 
 
+def _check_model_folder(folder: Path) -> None:
+    """A local model folder's config.json must be there and be JSON: say which file and what to do."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{folder}: no config.json, so this is not a Hugging Face model folder; give the folder "
+                             "that `save_pretrained` wrote (config.json, *.safetensors, tokenizer files)")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{cfg}: not a readable JSON model config ({err}); the file is damaged or was cut off: "
+                             "copy or save the model folder again") from None
+
+
+CACHE_MANIFEST = "neuroshield-cache.json"
+
+
+def _write_cache_manifest(folder: Path, meta: dict[str, Any]) -> None:
+    """The cache manifest: sizes under `files` (what caches of earlier versions check) and size, sha256 and the
+    stat at hashing time under `digests`. Written last."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CACHE_MANIFEST)
+    digests = digest_entries(folder, names)
+    write_json(folder / CACHE_MANIFEST, {**meta, "format": CACHE_FORMAT,
+                                         "files": {n: e["size"] for n, e in digests.items()}, "digests": digests})
+
+
 def _cache_is_valid(folder: Path) -> bool:
-    manifest = folder / "neuroshield-cache.json"
+    manifest = folder / CACHE_MANIFEST
     if not manifest.is_file():
         return False
     try:
@@ -133,13 +204,24 @@ def _cache_is_valid(folder: Path) -> bool:
             if name.endswith(".safetensors"):
                 with safe_open(str(folder / name), framework="pt") as st:  # header parse catches truncation
                     st.keys()
+        if "digests" not in meta:
+            # written before content digests were recorded: sizes and headers are all it can be checked against;
+            # record the digests now (once), so that later damage is found
+            log.info("cache folder %s: recording content digests (once)", folder)
+            _write_cache_manifest(folder, {k: v for k, v in meta.items() if k not in ("files", "digests")})
+            return True
+        problems = check_manifest(folder, CACHE_MANIFEST, key="digests")
+        if problems:
+            log.warning("cache folder %s: %s", folder, problems[0])
+            return False
         return True
     except Exception:  # any damage means rebuild
         return False
 
 
-def _cached_gguf_folder(sha256: str, materialize: Any, gguf_name: str) -> Path:
-    """Folder with config, tokenizer and safetensors for the GGUF with this sha256; built if needed."""
+def _cached_gguf_folder(sha256: str, materialize: Any, gguf_name: str, source: str = "") -> Path:
+    """Folder with config, tokenizer and safetensors for the GGUF with this sha256; built if needed. `source`: the
+    user's GGUF path (named in errors)."""
     root = cache_root() / "gguf"
     folder = root / sha256[:20]
     if _cache_is_valid(folder):
@@ -157,8 +239,15 @@ def _cached_gguf_folder(sha256: str, materialize: Any, gguf_name: str) -> Path:
         if digest != sha256:
             raise ModelLoadError(f"GGUF sha256 mismatch for {gguf_name}: expected {sha256}, got {digest}")
         log.info("dequantizing %s (one-time, cached as safetensors)", gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
+        except Exception as err:  # a truncated file ends in numpy reshape errors deep in the GGUF reader
+            raise ModelLoadError(
+                f"{source or gguf_name}: cannot read this GGUF file ({err.__class__.__name__}: {err}). It is "
+                f"truncated or damaged ({gguf_path.stat().st_size:,} bytes), or not a model GGUF that transformers "
+                "can dequantize: download it again and check its sha256") from None
         out = tmp_path / "model"
         # The weights are dequantized float32 now; drop the GGUF quantizer so save_pretrained writes them.
         model.hf_quantizer = None
@@ -166,10 +255,7 @@ def _cached_gguf_folder(sha256: str, materialize: Any, gguf_name: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-        (out / "neuroshield-cache.json").write_text(
-            json.dumps({"format": CACHE_FORMAT, "gguf_sha256": sha256, "gguf_name": gguf_name, "files": files}, indent=1)
-        )
+        _write_cache_manifest(out, {"gguf_sha256": sha256, "gguf_name": gguf_name})
         try:
             os.replace(out, folder)  # atomic: the folder appears complete or not at all
         except OSError:

@@ -29,7 +29,8 @@ def is_held_out(record_id: str, held_out_fraction: float = 0.5, seed: int = 0) -
 def split_by_id(
     records: Sequence[PromptRecord], held_out_fraction: float = 0.5, seed: int = 0
 ) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    """(held_in, held_out): a record is held out when its id's stable hash is below the fraction.
+    """(held_in, held_out): a record is held out when its id's stable hash is below the fraction, or, for a
+    data set that fixes its own split (`record.meta["split"]`), where that says.
 
     The order of the input is kept on both sides. Expected share held out = `held_out_fraction`; the
     exact share varies with the ids (it is a hash, not a shuffle), which is what keeps it stable.
@@ -39,7 +40,9 @@ def split_by_id(
     held_in: list[PromptRecord] = []
     held_out: list[PromptRecord] = []
     for r in records:
-        (held_out if is_held_out(r.id, held_out_fraction, seed) else held_in).append(r)
+        fixed = r.meta.get("split")  # a data set with its own fixed split (the contrast set) keeps it
+        out = fixed == "held-out" if fixed in ("held-in", "held-out") else is_held_out(r.id, held_out_fraction, seed)
+        (held_out if out else held_in).append(r)
     return held_in, held_out
 
 

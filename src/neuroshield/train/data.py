@@ -129,9 +129,13 @@ def _read_cache(path: Path, key: str) -> dict[tuple[str, str], str]:
 def self_answer_examples(
     loaded: Any, records: Sequence[PromptRecord], cache_path: str | Path, *, max_new_tokens: int = 128,
     batch_size: int = 8, system: str | None = None, model_key: str | None = None, progress: bool = True,
-    max_prompt_tokens: int | None = None,
+    max_prompt_tokens: int | None = None, helpful_only: bool = True,
 ) -> list[TrainExample]:
     """Benign prompts paired with the base model's own greedy answers, cached in `cache_path` (JSONL).
+
+    `helpful_only`: an answer the judge does not count as compliance (a refusal, an empty or degenerate
+    answer) is replaced by the record's `reference` when it has one and dropped otherwise: the base model
+    refuses many safe requests that sound dangerous, and training on its refusals would teach them.
 
     Call this before any training touches the model. Answers already in the cache (same model config
     hash, same settings, same prompt id and language) are reused; the others are generated in batches,
@@ -168,16 +172,32 @@ def self_answer_examples(
 
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
             generate(loaded, list(todo), cfg, progress=progress, desc="benign answers", on_batch=on_batch)
-    out, empty = [], 0
-    for r in records:
-        text = cached[(r.id, r.language)].strip()
-        if not text:
-            empty += 1
-            continue
-        out.append(TrainExample(r.id, r.language, "benign", r.text, text, "self", r.image))
-    if empty:
-        log.warning("%d benign prompts got an empty answer from the base model and were skipped", empty)
+    texts = [cached[(r.id, r.language)].strip() for r in records]
+    helpful = _helpful(records, texts) if helpful_only else [bool(t) for t in texts]
+    out, replaced, dropped = [], 0, 0
+    for r, text, ok in zip(records, texts, helpful):
+        if ok:
+            out.append(TrainExample(r.id, r.language, "benign", r.text, text, "self", r.image))
+        elif r.reference:  # the base model refused (or babbled): the written reference answer instead
+            out.append(TrainExample(r.id, r.language, "benign", r.text, r.reference, "reference", r.image))
+            replaced += 1
+        else:
+            dropped += 1
+    if replaced or dropped:
+        log.warning("%d of %d benign answers of the base model were refusals, empty or invalid: %d replaced by the "
+                    "prompt's reference answer, %d dropped (a retain answer that refuses teaches refusal)",
+                    replaced + dropped, len(records), replaced, dropped)
     return out
+
+
+def _helpful(records: Sequence[PromptRecord], texts: Sequence[str]) -> list[bool]:
+    """Whether each answer attempts the request (the default judge's verdict is `compliance`)."""
+    from neuroshield.judges.registry import get_judge, judge_responses
+
+    results = judge_responses(get_judge("refusal-phrase"), list(texts), [r.language for r in records],
+                              prompts=[r.text for r in records])
+    return [bool(t) and getattr(x, "verdict", "refusal" if x.refused else "compliance") == "compliance"
+            for t, x in zip(texts, results)]
 
 
 # --------------------------------------------------------------------------------------------------

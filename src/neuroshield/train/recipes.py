@@ -234,6 +234,7 @@ class TrainResult:
     export: dict[str, Any] | None = None
     resumed_from: int | None = None
     interrupted: bool = False
+    selected_step: int | None = None  # the step whose weights are the result, when training selected one
     device: str = "cpu"
     world_size: int = 1
     config: dict[str, Any] = field(default_factory=dict)
@@ -360,6 +361,34 @@ def save_checkpoint(out_dir: Path, step: int, module: nn.Module, optimizer: Any,
     for d in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(d, ignore_errors=True)
     return final
+
+
+_SELECTED = "selected.safetensors"
+
+
+def _save_selected(out_dir: Path, module: nn.Module, step: int) -> None:
+    """The trainable tensors of the best step so far (atomic), so that a resumed run can still return them."""
+    from safetensors.torch import save_file
+
+    tmp = out_dir / f".{_SELECTED}.tmp"
+    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_named(module)}, str(tmp),
+              metadata={"step": str(step)})
+    os.replace(tmp, out_dir / _SELECTED)
+
+
+def _load_selected(out_dir: Path, module: nn.Module, step: int) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = out_dir / _SELECTED
+    with safe_open(str(path), framework="pt") as f:
+        saved = int((f.metadata() or {}).get("step", -1))
+    if saved != step:
+        raise RuntimeError(f"{path} holds step {saved}, expected the selected step {step}; train again with --no-resume")
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for n, p in _trainable_named(module):
+            p.copy_(tensors[n].to(p.device, p.dtype))
 
 
 def load_checkpoint(ckpt: Path, module: nn.Module, optimizer: Any, fingerprint: dict[str, Any]
@@ -580,6 +609,10 @@ def train(
         wrapper = _Forward(net)
     else:
         net = loaded.model
+        if net.dtype in (torch.bfloat16, torch.float16):
+            # full fine-tuning updates every weight: Adam steps of ~lr (1e-5) vanish in a 16-bit weight, so the
+            # weights themselves are the float32 master copies here (the neuron recipes keep float32 deltas)
+            net.float()
         for name, p in net.named_parameters():
             # a VLM's vision tower and projector stay frozen (METHOD.md: out of scope); they would also get no
             # gradient from text-only batches, which multi-process DDP rejects
@@ -638,6 +671,9 @@ def train(
     interrupted = False
     step = start
     last_saved = start
+    # (score, step) of the best step so far when on_step returns selection scores (restored on resume)
+    scored = [(float(h["select_score"]), int(h["step"])) for h in history if h.get("select_score") is not None]
+    selected: tuple[float, int] | None = max(scored, key=lambda x: (x[0], -x[1])) if scored else None
     t_loop = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -697,13 +733,18 @@ def train(
             history.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            score = on_step(step, rec) if on_step is not None else None
+            if score is not None:  # a selection score: the best-scoring step's weights are the result
+                rec["select_score"] = float(score)
+                if selected is None or float(score) > selected[0]:
+                    selected = (float(score), step)
+                    if acc.is_main_process:
+                        _save_selected(out, unwrapped, step)
             if step % checkpoint_every == 0 and step < steps:
                 if acc.is_main_process:
                     save_checkpoint(out, step, unwrapped, optimizer, history, fingerprint)
                 acc.wait_for_everyone()
                 last_saved = step
-            if on_step is not None:
-                on_step(step, rec)
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)
@@ -729,6 +770,10 @@ def train(
     if acc.is_main_process and (step > last_saved or latest_checkpoint(out) is None):
         save_checkpoint(out, step, unwrapped, optimizer, history, fingerprint)
     acc.wait_for_everyone()
+    if selected is not None and selected[1] != step:
+        _load_selected(out, unwrapped, selected[1])
+        log.info("%s: the weights of step %d (best selection score %.4f) are the result", recipe, selected[1],
+                 selected[0])
 
     # --- finish: merge, patch, export ----------------------------------------------------------------
     wrapper.eval()
@@ -746,7 +791,7 @@ def train(
                 "recipe": recipe, "neuron_set": used_set.name, "neurons": len(used_set),
                 "neuron_set_meta": {k: v for k, v in used_set.meta.items() if k in
                                     ("method", "rho", "languages", "modalities", "budget", "name", "control_of")},
-                "steps": step, "lr": lr}))
+                "steps": selected[1] if selected is not None else step, "lr": lr}))
         deltas.merge()
         deltas.detach()
     elif recipe == "lora":
@@ -770,6 +815,7 @@ def train(
     result = _result(recipe, out, steps, step, n_trainable, updated, total_params, t_start, train_seconds, done_now,
                      history, used_set, patch_path, model_dir, export_info, resumed_from, False, acc, config, data_info,
                      mem)
+    result.selected_step = selected[1] if selected is not None else None
     if acc.is_main_process:
         _write_json(out / "loss.json", history)
         plot_losses(history, out / "loss.png", f"{recipe} on {loaded.model_id}")
