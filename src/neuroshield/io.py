@@ -238,31 +238,42 @@ def _stat_key(p: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def write_manifest(folder: str | Path, files: Iterable[str] | None = None, name: str = MANIFEST,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Record size and digest of `files` (default: every file of `folder` but the manifest) in `folder/name`.
-    Write it last: a folder without its manifest is incomplete."""
+def folder_files(folder: str | Path, skip: Iterable[str] = ()) -> list[str]:
+    """Names of the plain files of `folder` (not hidden, not in `skip`), sorted."""
+    d, skipped = Path(folder), set(skip)
+    return sorted(p.name for p in d.iterdir() if p.is_file() and p.name not in skipped and not p.name.startswith("."))
+
+
+def digest_entries(folder: str | Path, files: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """name -> {size, sha256, stat} for `files` of `folder` (what `check_manifest` compares)."""
     d = Path(folder)
-    names = sorted(files) if files is not None else sorted(
-        p.name for p in d.iterdir() if p.is_file() and p.name != name and not p.name.startswith("."))
-    entries = {}
-    for n in names:
-        entries[n] = {"size": (d / n).stat().st_size, DIGEST: file_digest(d / n), "stat": _stat_key(d / n)}
-    manifest = {**(extra or {}), "files": entries}
-    write_json(d / name, manifest)
+    return {n: {"size": (d / n).stat().st_size, DIGEST: file_digest(d / n), "stat": _stat_key(d / n)}
+            for n in sorted(files)}
+
+
+def write_manifest(folder: str | Path, files: Iterable[str] | None = None, name: str = MANIFEST,
+                   extra: dict[str, Any] | None = None, key: str = "files") -> dict[str, Any]:
+    """Record size and digest of `files` (default: every file of `folder` but the manifest) in `folder/name`
+    under `key`, with `extra` keys beside. Write it last: a folder without its manifest is incomplete."""
+    names = list(files) if files is not None else folder_files(folder, skip=[name])
+    manifest = {**(extra or {}), key: digest_entries(folder, names)}
+    write_json(Path(folder) / name, manifest)
     return manifest
 
 
-def check_manifest(folder: str | Path, name: str = MANIFEST, trust_stat: bool = True) -> list[str]:
+def check_manifest(folder: str | Path, name: str = MANIFEST, trust_stat: bool = True, key: str = "files"
+                   ) -> list[str]:
     """Problems of `folder` against its manifest ([] = sound): a missing manifest or file, another size, another
     digest. `trust_stat`: a file whose size, mtime, ctime and inode are those recorded when it was last hashed
     is not hashed again (a write or a copy changes them; `NEUROSHIELD_VERIFY=full` hashes every file)."""
     d = Path(folder)
     try:
         manifest = read_json(d / name, "manifest")
-        entries = manifest["files"]
+        entries = manifest[key]
+        if not isinstance(entries, dict) or not entries:
+            raise KeyError(key)
     except (ArtifactError, KeyError, TypeError) as err:
-        return [f"{d / name}: {err}" if isinstance(err, KeyError) else str(err)]
+        return [str(err) if isinstance(err, ArtifactError) else f"{d / name}: no {key!r} entries"]
     trust_stat = trust_stat and os.environ.get("NEUROSHIELD_VERIFY", "") != "full"
     problems, rehashed = [], False
     for n, entry in entries.items():
@@ -289,5 +300,5 @@ def check_manifest(folder: str | Path, name: str = MANIFEST, trust_stat: bool = 
 
 __all__ = ["OutputError", "ArtifactError", "disk_errno", "output_error", "raise_output_errors", "atomic_path",
            "atomic_write_bytes", "atomic_write_text", "write_json", "read_json", "atomic_dir", "replace_dir",
-           "fingerprint", "image_digest", "records_fingerprint", "bytes_digest", "file_digest", "write_manifest",
-           "check_manifest", "MANIFEST"]
+           "fingerprint", "image_digest", "records_fingerprint", "bytes_digest", "file_digest", "folder_files",
+           "digest_entries", "write_manifest", "check_manifest", "MANIFEST"]
