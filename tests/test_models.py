@@ -141,3 +141,18 @@ def test_default_model_refuses_in_english() -> None:
     assert lm.model.config.model_type == "qwen2" and len(lm.adapter.layers(lm.model)) == 24
     answer = chat_once(lm, "What is 12 + 30? Answer with the number only.", max_new_tokens=8)
     assert "42" in answer
+
+
+def test_dtype_auto_follows_the_hardware(monkeypatch):
+    import torch
+
+    from neuroshield.models import loading
+
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert loading.resolve_dtype("auto") == torch.bfloat16 and loading.resolve_dtype(None) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert loading.resolve_dtype("auto") == torch.float32
+    assert loading.resolve_dtype("float32") == torch.float32 and loading.resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, float32"):
+        loading.resolve_dtype("int8")

@@ -275,3 +275,47 @@ def test_output_parts_train_only_the_down_columns_of_ffn_neurons(tmp_path):
     with pytest.raises(ValueError, match="parts='inputs'"):
         _train(tiny_model("qwen2"), "precise-shield", tmp_path / "bad", neuron_set=_set(loaded, units),
                neuron_parts="inputs")
+
+
+def test_selected_step_is_the_result(tmp_path):
+    """When on_step returns scores, the best-scoring step's weights are the result (patch and merged model),
+    also after an interruption and a resume."""
+    snaps = {}
+
+    def score(step, rec):
+        # remember the merged weights at every scored step; step 2 scores best
+        return {2: 1.0, 4: 0.5, 6: 0.2}.get(step)
+
+    def snap(loaded):
+        def on_step(step, rec):
+            snaps[step] = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+            return score(step, rec)
+        return on_step
+
+    ref = tiny_model("qwen2")
+    _train(ref, "precise-shield", tmp_path / "ref", steps=2, export=False, lr=0.05)  # plain 2-step run
+    a = tiny_model("qwen2")
+    res = _train(a, "precise-shield", tmp_path / "a", steps=6, export=False, lr=0.05, on_step=snap(a))
+    assert res.selected_step == 2
+    sr, sa = ref.model.state_dict(), a.model.state_dict()
+    assert all(torch.equal(sr[k], sa[k]) for k in sr)  # the result is the step-2 model, not step 6
+    from neuroshield.train.patch import read_patch
+
+    meta = read_patch(tmp_path / "a" / "safety_patch.safetensors")[0]
+    assert meta.get("steps") in (2, "2")
+    hist = json.loads((tmp_path / "a" / "loss.json").read_text())
+    assert [h.get("select_score") for h in hist] == [None, 1.0, None, 0.5, None, 0.2]
+
+    def stop_at_5(step, rec):
+        if step == 5:
+            raise KeyboardInterrupt
+        return score(step, rec)
+
+    b = tiny_model("qwen2")
+    with pytest.raises(KeyboardInterrupt):
+        _train(b, "precise-shield", tmp_path / "b", steps=6, export=False, lr=0.05, on_step=stop_at_5)
+    b = tiny_model("qwen2")
+    res = _train(b, "precise-shield", tmp_path / "b", steps=6, export=False, lr=0.05, on_step=score)
+    assert res.resumed_from == 5 and res.selected_step == 2
+    sb = b.model.state_dict()
+    assert all(torch.equal(sr[k], sb[k]) for k in sr)
