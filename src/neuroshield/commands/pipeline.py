@@ -28,5 +28,9 @@ def register(app: typer.Typer) -> None:
             if out_dir:
                 cfg.out_dir = out_dir
             report = run_pipeline(cfg, tuple(split_list(stages) or ()))
+        headline = cfg.run_dir / "evaluate" / "headline.md"
+        if headline.is_file():
+            typer.echo("\nHeadline (held-out prompts; shares in %, 95 % intervals; differences are paired, in points):")
+            typer.echo(headline.read_text(encoding="utf-8"))
         typer.echo(f"done in {time.perf_counter() - start:.0f} s")
         typer.echo(f"report: {report.resolve()}")
