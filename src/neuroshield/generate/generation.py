@@ -192,6 +192,7 @@ def generate(
     model = loaded.model
     was_training = model.training
     model.eval()
+    contiguous = _contiguous_head_input(model)
     try:
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
             for b, idx in enumerate(batches_by_length(encoded, cfg.batch_size)):
@@ -220,7 +221,23 @@ def generate(
                 bar.update(len(idx))
     finally:
         model.train(was_training)
+        if contiguous is not None:
+            contiguous.remove()
     return [r for r in results if r is not None]
+
+
+def _contiguous_head_input(model: Any) -> Any:
+    """A pre-hook that hands the output head a contiguous input (removed by the caller).
+
+    At the prefill step transformers gives the head the last position of every row, a strided view; with frozen
+    weights (requires_grad=False: every trained or patched model) PyTorch's CPU matmul then expands the head's
+    weight to the batch (a [B, hidden, vocab] copy, 2.2 GB for a batch of 8 here) instead of one matrix product:
+    measured 10x slower generation in bfloat16 on the default model. A contiguous input takes the fast path.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    return head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 def generate_responses(
