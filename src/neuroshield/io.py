@@ -192,10 +192,11 @@ def replace_dir(src: Path, dst: Path) -> None:
 # Fingerprints (of settings and prompt lists) and content digests (of files)
 # --------------------------------------------------------------------------------------------------
 
-def fingerprint(obj: Any, n: int = 16) -> str:
+def fingerprint(obj: Any, n: int = 16, ascii: bool = True) -> str:
     """The fingerprint of settings, prompt lists and other JSON-able values: sha256 of the canonical JSON
-    (sorted keys, unknown types as str), first `n` hex digits."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+    (sorted keys, unknown types as str), first `n` hex digits. `ascii=False` hashes non-ASCII text as UTF-8
+    rather than as escapes (the keys of caches written that way keep their value)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=ascii).encode()).hexdigest()[:n]
 
 
 def image_digest(path: str | os.PathLike | None) -> str:

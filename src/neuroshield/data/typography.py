@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import unicodedata
 import warnings
 from collections.abc import Callable, Iterable
@@ -37,6 +36,7 @@ from typing import Literal
 from PIL import Image, ImageDraw, ImageFont, features
 
 from neuroshield.data.records import PromptRecord
+from neuroshield.io import atomic_write_bytes
 
 Direction = Literal["ltr", "rtl"]
 _Box = tuple[float, float, float, float]  # left, top, right, bottom
@@ -1057,15 +1057,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     file; leave an identical existing file untouched (its mtime too)."""
     if path.is_file() and path.read_bytes() == data:
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def render_prompt_records(

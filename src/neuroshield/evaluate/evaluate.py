@@ -62,6 +62,7 @@ from neuroshield.evaluate.metrics import (
 )
 from neuroshield.evaluate.metrics import ROLES as SAFETY_ROLES
 from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses, result_verdict
+from neuroshield.io import atomic_path, atomic_write_text
 from neuroshield.models.loading import dtype_name
 
 log = logging.getLogger(__name__)
@@ -309,10 +310,7 @@ class EvalResult:
         w.writeheader()
         for row in self.csv_rows():
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, p)
-        return p
+        return atomic_write_text(p, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -745,11 +743,9 @@ def evaluate(
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 __all__ = ["EvalSuite", "EvalResult", "evaluate", "GenerationCache", "patched", "patch_tag", "file_hash",

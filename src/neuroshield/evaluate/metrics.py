@@ -321,14 +321,9 @@ class SafetyReport:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write JSON atomically (temporary name, then rename). NaN is written as null."""
-    import os
+    from neuroshield.io import atomic_write_text
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(_clean_nan(data), indent=1, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(path, json.dumps(_clean_nan(data), indent=1, ensure_ascii=False, allow_nan=False))
 
 
 def _clean_nan(x: Any) -> Any:

@@ -41,7 +41,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -56,6 +55,7 @@ from neuroshield.data.records import PromptRecord, group_name
 from neuroshield.generate.generation import Generation, GenerationConfig, generate, response_divergence
 from neuroshield.intervene.interventions import InterventionMode, _means_of, intervene, parse_mode
 from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
+from neuroshield.io import atomic_path, atomic_write_text, fingerprint
 from neuroshield.models.loading import LoadedModel
 from neuroshield.neurons.neuronset import NeuronSet, random_like
 
@@ -84,7 +84,7 @@ class Condition:
 
 
 def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+    return fingerprint(obj, n=64, ascii=False)
 
 
 def set_fingerprint(ns: NeuronSet) -> str:
@@ -143,9 +143,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def cached_generate(
@@ -333,10 +331,11 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------

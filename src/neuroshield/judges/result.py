@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from neuroshield.io import fingerprint
 
 __all__ = ["JudgeResult", "VERDICTS", "settings_hash"]
 
@@ -38,4 +38,4 @@ class JudgeResult:
 
 def settings_hash(obj: Any) -> str:
     """12 hex digits of sha256 over `obj` as canonical JSON: a judge's settings or phrase table identity."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:12]
+    return fingerprint(obj, n=12, ascii=False)

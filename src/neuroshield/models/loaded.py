@@ -6,14 +6,13 @@ and neither imports the other at module level (the loader hands VLM configs to `
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from neuroshield.io import fingerprint
 from neuroshield.models.adapters import ArchitectureAdapter
 
 
@@ -54,7 +53,7 @@ def config_hash(config: Any) -> str:
     for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
                      "_commit_hash", "_attn_implementation_autoset", "use_cache"):
         d.pop(volatile, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(d)
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "config_hash", "dtype_name"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from neuroshield.io import atomic_path, atomic_write_text
 from neuroshield.models.sites import parse_site_key
 from neuroshield.neurons.neuronset import NeuronSet
 
@@ -73,14 +73,12 @@ class OverlapResult:
         }
 
     def save_json(self, path: str | Path) -> Path:
-        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=1))
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def save_csv(self, path: str | Path) -> Path:
         """One row per ordered pair: a, b, sizes, intersection, overlap, jaccard, their chance levels."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(p) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["a", "b", "size_a", "size_b", "intersection", "overlap", "jaccard", "chance_intersection",
                         "chance_overlap", "chance_jaccard", "enrichment"])
@@ -91,20 +89,11 @@ class OverlapResult:
                                 _fmt(self.overlap[i, j]), _fmt(self.jaccard[i, j]),
                                 _fmt(self.chance_intersection[i, j]), _fmt(self.chance_overlap[i, j]),
                                 _fmt(self.chance_jaccard[i, j]), _fmt(enr[i, j])])
-        os.replace(tmp, p)
         return p
 
 
 def _fmt(x: float) -> str:
     return "" if not math.isfinite(float(x)) else f"{float(x):.6g}"
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _width_lookup(sets: Mapping[str, NeuronSet], widths: Mapping[str, int] | None) -> Any:
@@ -274,11 +263,11 @@ def plot_layers(result: OverlapResult, path: str | Path, title: str = "") -> Pat
 
 
 def _save_fig(fig: Any, path: Path, plt: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", pad_inches=0.15)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    finally:
+        plt.close(fig)
     return path
 
 

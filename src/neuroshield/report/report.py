@@ -1224,9 +1224,9 @@ def _report_json(sections: list[Section], meta: dict[str, Any], headline: Headli
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from neuroshield.io import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def render_html(sections: list[Section], meta: dict[str, Any], headline: Headline) -> str:

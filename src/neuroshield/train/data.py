@@ -33,7 +33,7 @@ import torch
 
 from neuroshield.data.records import PromptRecord
 from neuroshield.models.chat import EncodedPrompt, encode_chat
-from neuroshield.neurons.stats import image_digest
+from neuroshield.io import atomic_path, image_digest
 
 log = logging.getLogger(__name__)
 
@@ -375,13 +375,9 @@ def example_summary(examples: Sequence[TrainExample]) -> dict[str, Any]:
 
 def write_examples(path: str | Path, examples: Sequence[TrainExample]) -> None:
     """The training pairs as JSONL (written to a temporary name, then renamed)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
-    os.replace(tmp, p)
 
 
 __all__ = [
