@@ -210,4 +210,118 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
     bad = [m for m in config.modalities if m not in ("text", "image")]
     if bad or "text" not in config.modalities:
         raise ConfigError(f"{path}: modalities {config.modalities}: give text, or text and image")
+    check_values(config, str(path))
     return config
+
+
+# (section, key) -> (low, high, low_open): the range a number must lie in; None = unbounded on that side
+RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
+    ("", "seed"): (0, None, False),
+    ("identify", "per_language"): (1, None, False),
+    ("identify", "rho"): (0, 1, True),  # 0 would give empty sets
+    ("identify", "batch_size"): (1, None, False),
+    ("validate", "per_language"): (1, None, False),
+    ("validate", "controls"): (0, None, False),
+    ("validate", "max_new_tokens"): (1, None, False),
+    ("validate", "reinforce_scale"): (0, None, True),
+    ("validate", "benign_guard"): (0, None, False),
+    ("validate", "batch_size"): (1, None, False),
+    ("train", "per_language"): (1, None, False),
+    ("train", "benign_count"): (0, None, False),
+    ("train", "benign_max_new_tokens"): (1, None, False),
+    ("train", "steps"): (1, None, False),  # 0 steps would export the base model as a trained one
+    ("train", "lr"): (0, None, True),
+    ("train", "warmup_steps"): (0, None, False),
+    ("train", "batch_size"): (1, None, False),
+    ("train", "grad_accum"): (1, None, False),
+    ("train", "max_length"): (32, None, False),  # the prompt keeps max_length - 16 tokens
+    ("train", "budget"): (0, 1, True),
+    ("train", "select_every"): (0, None, False),
+    ("train", "monitor_per_language"): (1, None, False),
+    ("train", "select_tolerance"): (0, 1, False),
+    ("evaluate", "harmful_per_language"): (1, None, False),
+    ("evaluate", "benign_per_language"): (0, None, False),
+    ("evaluate", "mgsm_per_language"): (0, None, False),
+    ("evaluate", "xcopa_per_language"): (0, None, False),
+    ("evaluate", "max_new_tokens"): (1, None, False),
+    ("evaluate", "batch_size"): (1, None, False),
+}
+
+
+def _in_range(value: float, low: float | None, high: float | None, low_open: bool) -> bool:
+    if value != value or value in (float("inf"), float("-inf")):
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return high is None or value <= high
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+
+def check_values(config: PipelineConfig, where: str = "config") -> None:
+    """Every value that `load_config` reads, checked before any model or data is loaded: ranges, names of
+    recipes, methods, sites, positions and judges, languages, and a run name that stays inside out_dir.
+    Raises ConfigError naming the key."""
+    for (section, key), (low, high, low_open) in RANGES.items():
+        node = getattr(config, section) if section else config
+        if not hasattr(node, key):
+            continue
+        value = getattr(node, key)
+        if not _in_range(float(value), low, high, low_open):
+            name = f"{section}.{key}" if section else key
+            raise ConfigError(f"{where}: {name} = {value!r}: must be {_range_text(low, high, low_open)}")
+    name = config.name
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\:") or name != name.strip():
+        raise ConfigError(f"{where}: name {name!r}: give a plain folder name (no path separators, no '..'); "
+                          f"the run is written to out_dir/name ({config.out_dir}/...)")
+    if not config.model:
+        raise ConfigError(f"{where}: model: give default, smollm2, a .gguf file, a model folder or a Hub id")
+    if not config.languages:
+        raise ConfigError(f"{where}: languages: give at least one language")
+    extra = [lang for lang in config.high_resource if lang not in config.languages]
+    if not config.high_resource or extra:
+        raise ConfigError(f"{where}: high_resource {config.high_resource}: give languages among languages "
+                          f"{config.languages}")
+    from neuroshield.models.chat import POSITIONS
+    from neuroshield.models.sites import SITE_KINDS
+    from neuroshield.neurons.scores import METHOD_KINDS
+
+    ic = config.identify
+    for key, values, allowed in (("methods", ic.methods, tuple(METHOD_KINDS)), ("sites", ic.sites, SITE_KINDS)):
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise ConfigError(f"{where}: identify.{key} {values}: give one or more of {', '.join(allowed)}")
+    if ic.positions not in POSITIONS:
+        raise ConfigError(f"{where}: identify.positions {ic.positions!r}: give {', '.join(POSITIONS)}")
+    for key in ("harmful", "benign"):
+        if not getattr(ic, key):
+            raise ConfigError(f"{where}: identify.{key}: give at least one data source")
+    vc = config.validate
+    if vc.enabled and vc.method not in ic.methods:
+        raise ConfigError(f"{where}: validate.method {vc.method!r} is not among identify.methods {ic.methods}")
+    extra = [lang for lang in vc.languages if lang not in config.languages]
+    if extra:
+        raise ConfigError(f"{where}: validate.languages {extra} are not in languages {config.languages}")
+    tc = config.train
+    from neuroshield.train.recipes import NEURON_RECIPES, RECIPES
+
+    bad = [r for r in tc.recipes if r not in RECIPES]
+    if bad or (tc.enabled and not tc.recipes):
+        raise ConfigError(f"{where}: train.recipes {tc.recipes}: unknown recipe(s) {bad}; give one or more of "
+                          f"{', '.join(RECIPES)}")
+    if tc.enabled and tc.method not in ic.methods and any(r in NEURON_RECIPES for r in tc.recipes):
+        raise ConfigError(f"{where}: train.method {tc.method!r} is not among identify.methods {ic.methods} (the "
+                          "neuron recipes train identify's sets of that method)")
+    if not tc.languages:
+        raise ConfigError(f"{where}: train.languages: give at least one language")
+    if tc.benign_answers not in ("self", "reference"):
+        raise ConfigError(f"{where}: train.benign_answers {tc.benign_answers!r}: give self or reference")
+    from neuroshield.judges.registry import JUDGE_NAMES
+
+    judge = config.evaluate.judge
+    if judge not in JUDGE_NAMES and not Path(judge).expanduser().exists():
+        raise ConfigError(f"{where}: evaluate.judge {judge!r}: give {' or '.join(JUDGE_NAMES)}, or a classifier folder")

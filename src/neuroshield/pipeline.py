@@ -4,23 +4,27 @@ Each stage writes into `<run>/<stage>/` and, when it finishes, a `stage.json` ho
 of its inputs (its config section, the data it read, the model, and the fingerprints of the stages it
 reads from). A rerun skips a stage whose `stage.json` matches; a stage that was interrupted has no
 `stage.json` and is run again, and its own caches (statistics, generations, checkpoints) let it pick
-up where it stopped.
+up where it stopped. The marker is removed before a stage writes anything (with the markers of the
+stages that read its results) and written last; the paths in it are relative to the run folder, so a
+run folder can be copied or moved.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from neuroshield import __version__
-from neuroshield.neurons.stats import image_digest
-from neuroshield.config import PipelineConfig
+from neuroshield.io import ArtifactError, read_json
+from neuroshield.io import fingerprint as _fingerprint
+from neuroshield.io import raise_output_errors
+from neuroshield.io import records_fingerprint as _records_fingerprint
+from neuroshield.io import write_json as _write_json
+from neuroshield.config import PipelineConfig, check_values
 from neuroshield.models.loading import dtype_name
 from neuroshield.data.records import PromptRecord
 
@@ -29,19 +33,35 @@ log = logging.getLogger(__name__)
 STAGES = ("identify", "validate", "train", "evaluate", "report")
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# the stages whose inputs include this stage's results: when it runs again, their markers go too
+DOWNSTREAM = {"identify": ("validate", "train"), "train": ("evaluate",)}
+
+# keys of stage outputs (and recipe results) that hold paths: stored relative to the run folder, so that a run
+# folder can be copied or moved; read back against the folder they are read from
+_PATH_KEYS = {"summary", "patch", "model_dir"}
+_PATH_MAPS = {"experiments", "evaluations"}  # name -> path
 
 
-def _records_fingerprint(records: list[PromptRecord]) -> str:
-    return _fingerprint(sorted((r.id, r.language, r.modality, r.label, r.text, r.reference or "",
-                                image_digest(r.image)) for r in records))
+def _map_paths(obj: Any, convert: Callable[[str], str], key: str = "") -> Any:
+    if isinstance(obj, dict):
+        return {k: convert(v) if isinstance(v, str) and (k in _PATH_KEYS or key in _PATH_MAPS)
+                else _map_paths(v, convert, k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_paths(v, convert, key) for v in obj]
+    return obj
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
+def _marker_fingerprint(path: Path) -> str | None:
+    try:
+        return read_json(path, "marker").get("fingerprint")
+    except (ArtifactError, AttributeError):
+        return None
+
+
+def _paths_in(obj: Any) -> list[str]:
+    found: list[str] = []
+    _map_paths(obj, lambda v: found.append(v) or v)  # type: ignore[func-returns-value]
+    return found
 
 
 # train.* keys that only the neuron recipes read (precise-shield, ss-expansion, random)
@@ -104,26 +124,62 @@ class Pipeline:
         return text + render_prompt_records(text, self.run_dir / "images")
 
     # --- stage runner -----------------------------------------------------------------------------
+    def relative(self, obj: Any) -> Any:
+        """Stage outputs with the paths inside the run folder made relative to it (others kept as given)."""
+        root = self.run_dir.resolve()
+
+        def convert(value: str) -> str:
+            try:
+                return Path(value).resolve().relative_to(root).as_posix()
+            except ValueError:
+                return value
+
+        return _map_paths(obj, convert)
+
+    def resolved(self, obj: Any) -> Any:
+        """Stage outputs as read from a marker: relative paths joined to this run folder."""
+        return _map_paths(obj, lambda v: v if Path(v).is_absolute() else str(self.run_dir / v))
+
+    def _read_marker(self, marker: Path, fingerprint: str) -> dict[str, Any] | None:
+        """The marker's record when it matches `fingerprint` and every file it names exists; else None."""
+        try:
+            done = read_json(marker, "stage marker")
+        except ArtifactError as err:
+            log.warning("%s; running the stage again", err)
+            return None
+        if not isinstance(done, dict) or done.get("fingerprint") != fingerprint:
+            log.info("%s: inputs changed, running the stage again", marker)
+            return None
+        outputs = self.resolved(done.get("outputs") or done.get("result") or {})
+        missing = [v for v in _paths_in(outputs) if not Path(v).exists()]
+        if missing:
+            log.warning("%s: %s is missing; running the stage again", marker, missing[0])
+            return None
+        return {**done, "outputs": outputs}
+
     def _stage(self, name: str, inputs: dict[str, Any], body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         stage_dir = self.run_dir / name
         marker = stage_dir / "stage.json"
         fingerprint = _fingerprint({"inputs": inputs, "version": __version__})
         if marker.is_file():
-            done = json.loads(marker.read_text())
-            if done.get("fingerprint") == fingerprint:
+            done = self._read_marker(marker, fingerprint)
+            if done is not None:
                 log.info("stage %s: up to date, skipped (%s)", name, marker)
                 return done
-            log.info("stage %s: inputs changed, running again", name)
+        # the marker goes before the stage rewrites anything, and so do the markers of the stages that read its
+        # results: an interrupted or failed run leaves none, and the next run does these stages again
+        for stage in (name, *DOWNSTREAM.get(name, ())):
+            (self.run_dir / stage / "stage.json").unlink(missing_ok=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         log.info("stage %s: running", name)
         outputs = body(stage_dir)
         seconds = round(time.perf_counter() - start, 1)
-        record = {"stage": name, "fingerprint": fingerprint, "seconds": seconds, "outputs": outputs,
+        record = {"stage": name, "fingerprint": fingerprint, "seconds": seconds, "outputs": self.relative(outputs),
                   "inputs": inputs}
-        _write_json(marker, record)
+        _write_json(marker, record)  # last: everything the stage wrote is in place
         self.timings[name] = seconds
-        return record
+        return {**record, "outputs": self.resolved(record["outputs"])}
 
     # --- stages -----------------------------------------------------------------------------------
     def identify(self) -> dict[str, Any]:
@@ -244,12 +300,16 @@ class Pipeline:
         return loaded, result
 
     def train(self, identified: dict[str, Any]) -> dict[str, Any]:
-        from neuroshield.train.recipes import NEURON_RECIPES
+        from neuroshield.train.recipes import NEURON_RECIPES, RECIPES
 
         c, tc = self.config, self.config.train
+        unknown = [r for r in tc.recipes if r not in RECIPES]
+        if unknown:  # before any recipe trains (load_config says so too)
+            raise ValueError(f"train.recipes: unknown recipe(s) {unknown}; recipes: {', '.join(RECIPES)}")
         harmful, benign = self.train_data()
+        # the model (and its dtype) is an input of every recipe: LoRA and full fine-tuning do not read identify
         inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "harmful": _records_fingerprint(harmful),
-                  "benign": _records_fingerprint(benign), "seed": c.seed}
+                  "benign": _records_fingerprint(benign), "seed": c.seed, "model": self.model_identity()}
 
         def body(out: Path) -> dict[str, Any]:
             results: dict[str, Any] = {}
@@ -264,13 +324,14 @@ class Pipeline:
                                            "recipe": recipe, "version": __version__})
                 marker = out / recipe / "pipeline-recipe.json"
                 started = out / recipe / "pipeline-recipe-started.json"
-                if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == recipe_key:
-                    results[recipe] = json.loads(marker.read_text())["result"]
+                done = self._read_marker(marker, recipe_key) if marker.is_file() else None
+                if done is not None:
+                    results[recipe] = done["outputs"]
                     log.info("train %s: up to date, reused (%s)", recipe, marker)
                     continue
                 marker.unlink(missing_ok=True)
                 # resume only an interrupted run of these very inputs; other checkpoints are stale
-                resume = started.is_file() and json.loads(started.read_text()).get("fingerprint") == recipe_key
+                resume = started.is_file() and _marker_fingerprint(started) == recipe_key
                 started.parent.mkdir(parents=True, exist_ok=True)
                 _write_json(started, {"fingerprint": recipe_key})
                 _, result = self.train_recipe(recipe, out / recipe, resume=resume)
@@ -278,7 +339,7 @@ class Pipeline:
                                    "parameters_updated": result.parameters_updated,
                                    "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}
                 if not result.interrupted:
-                    _write_json(marker, {"fingerprint": recipe_key, "result": results[recipe]})
+                    _write_json(marker, {"fingerprint": recipe_key, "outputs": self.relative(results[recipe])})
             return {"recipes": results}
 
         return self._stage("train", inputs, body)
@@ -309,6 +370,9 @@ class Pipeline:
                 if info.get("patch"):
                     evaluate(self._loaded, suite, patch=info["patch"], out_dir=out / recipe, tag=recipe, **kw)
                 elif info.get("model_dir"):
+                    from neuroshield.train.export import check_merged
+
+                    check_merged(info["model_dir"])  # its digests, before the folder is trusted
                     merged = load_model(info["model_dir"], dtype=c.dtype or None, device_map=c.device_map or None)
                     evaluate(merged, suite, out_dir=out / recipe, tag=recipe, **kw)
                 else:
@@ -328,7 +392,9 @@ class Pipeline:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_values(self.config)  # a config built in Python gets the checks of load_config, before any model loads
+        with raise_output_errors(self.run_dir):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "config.json", self.config.to_dict())
         start = time.perf_counter()
         self.model_identity()

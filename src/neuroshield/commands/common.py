@@ -17,11 +17,18 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, K
 
 @contextmanager
 def user_errors() -> Iterator[None]:
+    from neuroshield.io import disk_errno
+
     try:
         yield
     except USER_ERRORS as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as err:  # a full or read-only disk reported by a library in its own words
+        if disk_errno(err) is None:
+            raise
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -121,14 +121,19 @@ def register(app: typer.Typer) -> None:
     app.add_typer(patch, name="patch")
 
     def _apply_or_revert(action: str, model: str, patch_path: Path, out: Path, dtype: str | None) -> None:
+        from neuroshield.io import atomic_dir
         from neuroshield.models import load_model
         from neuroshield.train.patch import apply_patch, revert_patch
 
         with user_errors():
+            if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "config.json").is_file()):
+                raise ValueError(f"--out {out}: exists and is not a model folder; give a new or empty folder (a model "
+                                 "folder there is replaced)")
             loaded = load_model(model, dtype=dtype)
             meta = (apply_patch if action == "apply" else revert_patch)(loaded, patch_path)
-            loaded.model.save_pretrained(str(out), safe_serialization=True)
-            loaded.tokenizer.save_pretrained(str(out))
+            with atomic_dir(out) as tmp:  # the folder appears complete or not at all (a full disk leaves nothing)
+                loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+                loaded.tokenizer.save_pretrained(str(tmp))
         typer.echo(f"{action}: {meta.get('parameters_touched', 0):,} parameters ({meta.get('recipe', '?')}) "
                    f"-> {out}")
 

@@ -16,9 +16,7 @@ matrices with chance levels (JSON, CSV) and PNG plots.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -28,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield.data.records import PromptRecord, group_name
+from neuroshield.io import ArtifactError, read_json, write_json
 from neuroshield.models.loading import LoadedModel, dtype_name
 from neuroshield.models.sites import count_parameters, parse_site_key, resolve_sites
-from neuroshield.neurons.neuronset import NeuronSet
+from neuroshield.neurons.neuronset import SETS_MANIFEST, NeuronSet, run_set_names, write_sets_manifest
 from neuroshield.neurons.overlap import overlap_matrices, plot_layers, plot_overlap
 from neuroshield.neurons.scores import METHOD_KINDS, check_method
 from neuroshield.neurons.selection import monolingual_sets, shared_sets
@@ -65,12 +64,26 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def _write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
-    return path
+def _clear_old_sets(out: Path, methods: Sequence[str]) -> None:
+    """Remove what an earlier identify run left in `out` that this run rewrites or does not make: the summary
+    (written last, it says which methods and sets belong to the run) and the sets and set lists of the earlier
+    run's methods and of this run's, so that no stale set is trained on or reported."""
+    old = out / SUMMARY_FILE
+    earlier: list[str] = []
+    if old.is_file():
+        try:
+            earlier = [m for m in read_json(old, "identify summary").get("methods", []) if isinstance(m, str)]
+        except (ArtifactError, AttributeError):
+            earlier = []
+        old.unlink()
+    for m in dict.fromkeys([*earlier, *methods]):
+        folder = out / m
+        if not folder.is_dir() or Path(m).name != m:
+            continue
+        (folder / SETS_MANIFEST).unlink(missing_ok=True)
+        for p in folder.iterdir():
+            if p.is_file() and p.name.startswith(("ms_", "ss_")) and p.suffix in (".safetensors", ".json"):
+                p.unlink()
 
 
 def _as_list(value: str | Sequence[str]) -> list[str]:
@@ -218,6 +231,11 @@ def identify(
     if missing:
         raise ValueError(f"no prompts for {', '.join(missing)}: every language needs harmful and benign prompts "
                          "(benign: e.g. mgsm, parallel-benign, or a file)")
+    if top_k is None and (rho is None or not 0 < rho <= 1):
+        raise ValueError(f"rho={rho!r}: give a share of each site's units in (0, 1], or top_k")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k!r}: give at least 1 unit per site")
+    _clear_old_sets(out, methods)
     stats, stats_info = load_or_collect_statistics(
         loaded, records, out / "stats", languages=languages, sites=kinds, positions=positions,
         batch_size=batch_size, max_length=max_length, qk_impact=qk_impact, progress=progress)
@@ -244,6 +262,7 @@ def identify(
         files[m] = {}
         for name, s in named.items():
             files[m][name] = s.save(folder / name, loaded)
+        write_sets_manifest(folder, list(named), {"method": m, "languages": languages})  # last: the sets are there
         all_sets[m] = named
         sets_summary[m] = {
             name: {
@@ -287,7 +306,7 @@ def identify(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **({"extra": extra} if extra else {}),
     }
-    _write_json(out / SUMMARY_FILE, summary)
+    write_json(out / SUMMARY_FILE, summary)
     return IdentifyResult(out, stats, all_sets, summary, files)
 
 
@@ -299,7 +318,8 @@ def _layer_list(ns: NeuronSet, n_layers: int) -> list[int]:
 
 
 def _method_folders(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.iterdir() if p.is_dir() and any(p.glob("ms_*.json")))
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and (any(p.glob("ms_*.json"))
+                                                                   or (p / SETS_MANIFEST).is_file()))
 
 
 def _order(names: list[str], languages: list[str], prefix: str) -> list[str]:
@@ -321,15 +341,16 @@ def overlap_report(run_dir: str | Path) -> Path:
     folders = _method_folders(run)
     if not folders:
         raise FileNotFoundError(f"{run}: no method folders with ms_<lang> sets (run `neuroshield identify` first)")
-    summary = json.loads((run / SUMMARY_FILE).read_text()) if (run / SUMMARY_FILE).is_file() else {}
+    summary = read_json(run / SUMMARY_FILE, "identify summary") if (run / SUMMARY_FILE).is_file() else {}
     languages = list(summary.get("languages", []))
     hr = list(summary.get("high_resource", ["en"]))
     out = run / "overlap"
     index: dict[str, Any] = {"run": str(run), "methods": {}}
     for folder in folders:
         method = folder.name
+        names = run_set_names(folder)  # the sets of the run that wrote the folder (None: an older folder)
         sets = {p.name[: -len(".json")]: NeuronSet.load(p.with_suffix("")) for p in sorted(folder.glob("*.json"))
-                if p.name.startswith(("ms_", "ss_"))}
+                if p.name.startswith(("ms_", "ss_")) and (names is None or p.name[: -len(".json")] in names)}
         ms_names = _order([n for n in sets if n.startswith("ms_")], languages, "ms_")
         ss_names = _order([n for n in sets if n.startswith("ss_")], languages, "ss_")
         dest = out / method
@@ -373,7 +394,7 @@ def overlap_report(run_dir: str | Path) -> Path:
             entry["mean_chance_overlap"] = round(float(sum(c for _, c in offdiag) / len(offdiag)), 4)
         entry["files"] = {p.name: str(p) for p in sorted(dest.iterdir()) if p.is_file()}
         index["methods"][method] = entry
-    _write_json(out / "overlap.json", index)
+    write_json(out / "overlap.json", index)
     return out
 
 

@@ -3,13 +3,13 @@
 File format: `<name>.safetensors` holds one int64 tensor of sorted unit indices per site key
 (`"<layer>.<kind>"`, e.g. `"12.ffn"`) and, when known, a float32 `scores/<site key>` tensor aligned with
 it; `<name>.json` holds the metadata (model id, config hash, method, rho, sites, groups, data hashes,
-counts of neurons and owned parameters). Both are written to temporary names and renamed.
+counts of neurons and owned parameters, and the sha256 of the .safetensors file, checked on load). Both
+are written to temporary names and renamed, the .json last. `sets.json` in a folder of sets (written
+last by identify) names the sets of the run that wrote it; `run_set_names` reads it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from neuroshield.io import ArtifactError, atomic_path, file_digest, read_json, write_json
 from neuroshield.models.loading import LoadedModel
 from neuroshield.models.sites import Site, parse_site_key, resolve_sites, site_key
 
 FORMAT_VERSION = 1
+SETS_MANIFEST = "sets.json"
 
 
 class NeuronSetMismatchError(ValueError):
@@ -153,11 +155,11 @@ class NeuronSet:
             meta.setdefault("config_hash", loaded.config_hash)
             meta["owned_parameters"] = self.owned_parameters(loaded)
         st_path, js_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        tmp_st, tmp_js = st_path.with_name(st_path.name + ".tmp"), js_path.with_name(js_path.name + ".tmp")
-        save_file(tensors if tensors else {"_empty": torch.empty(0, dtype=torch.long)}, str(tmp_st))
-        tmp_js.write_text(json.dumps(meta, indent=1, ensure_ascii=False, default=str))
-        os.replace(tmp_st, st_path)
-        os.replace(tmp_js, js_path)
+        js_path.unlink(missing_ok=True)  # the pair is complete again only when the .json (with the digest) is back
+        with atomic_path(st_path) as tmp:
+            save_file(tensors if tensors else {"_empty": torch.empty(0, dtype=torch.long)}, str(tmp))
+        meta["safetensors_sha256"] = file_digest(st_path)
+        write_json(js_path, meta)
         self.meta = meta
         return st_path
 
@@ -170,16 +172,42 @@ class NeuronSet:
         for p in (st_path, js_path):
             if not p.is_file():
                 raise FileNotFoundError(f"neuron set file missing: {p} (a set is a .safetensors + .json pair)")
-        meta = json.loads(js_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{js_path}: neuron set format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-        tensors = load_file(str(st_path))
+        meta = read_json(js_path, "neuron set metadata")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            got = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{js_path}: neuron set format {got!r}, expected {FORMAT_VERSION}")
+        want = meta.get("safetensors_sha256")
+        if want and file_digest(st_path) != want:
+            raise ArtifactError(f"{st_path}: its content differs from the digest in {js_path.name} (damaged, or "
+                                "replaced by another set): run `neuroshield identify` again")
+        try:
+            tensors = load_file(str(st_path))
+        except Exception as err:
+            raise ArtifactError(f"{st_path}: cannot read the neuron set ({err}); run `neuroshield identify` "
+                                "again") from None
         units = {k: v for k, v in tensors.items() if not k.startswith("scores/") and k != "_empty"}
         scores = {k[len("scores/"):]: v for k, v in tensors.items() if k.startswith("scores/")}
         ns = cls(units, scores, meta)
         if loaded is not None:
             ns.check_model(loaded)
         return ns
+
+
+def write_sets_manifest(folder: str | Path, names: list[str], extra: dict[str, Any] | None = None) -> Path:
+    """`folder/sets.json`: which sets of `folder` belong to the run that wrote it (write it after the sets)."""
+    return write_json(Path(folder) / SETS_MANIFEST, {**(extra or {}), "sets": sorted(names)})
+
+
+def run_set_names(folder: str | Path) -> list[str] | None:
+    """The set names `folder/sets.json` lists, or None when the folder has none (sets saved one by one)."""
+    path = Path(folder) / SETS_MANIFEST
+    if not path.is_file():
+        return None
+    data = read_json(path, "list of the run's neuron sets")
+    names = data.get("sets") if isinstance(data, dict) else None
+    if not isinstance(names, list):
+        raise ArtifactError(f"{path}: no 'sets' list; run `neuroshield identify` again")
+    return [str(n) for n in names]
 
 
 def _key_order(key: str) -> tuple[int, str]:
@@ -229,4 +257,5 @@ def from_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] |
     return NeuronSet(units, sc, dict(meta or {}))
 
 
-__all__ = ["NeuronSet", "NeuronSetMismatchError", "random_like", "from_masks", "site_key"]
+__all__ = ["NeuronSet", "NeuronSetMismatchError", "random_like", "from_masks", "site_key", "SETS_MANIFEST",
+           "write_sets_manifest", "run_set_names"]

@@ -36,9 +36,7 @@ a hook on that layer and caught here; every hook is removed in `finally`.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -50,6 +48,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neuroshield.data.records import PromptRecord, group_name
+from neuroshield.io import atomic_path, file_digest, read_json, write_json
+from neuroshield.io import image_digest  # noqa: F401 - the one image digest, re-exported here
 from neuroshield.models.chat import POSITIONS, batches_by_length
 from neuroshield.models.hooks import site_hooks
 from neuroshield.models.loading import LoadedModel, dtype_name
@@ -72,17 +72,6 @@ def _norm_group(group: str | tuple[str, str, str]) -> str:
     if isinstance(group, tuple):
         return group_name(*group)
     return group
-
-
-def image_digest(path: str | None) -> str:
-    """sha256 of an image file's bytes ("" for none): image prompts share one instruction text per language,
-    so their identity is the picture."""
-    if not path:
-        return ""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return f"missing:{path}"
 
 
 def data_hash(records: Iterable[PromptRecord]) -> str:
@@ -263,17 +252,15 @@ class ActivationStats:
 
     # --- files -------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write `stats.safetensors` + `stats.json` into `directory`, each via a temporary name."""
+        """Write `stats.safetensors` + `stats.json` into `directory`, each via a temporary name, the JSON (with the
+        tensor file's size and sha256) last."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         st, js = d / TENSOR_FILE, d / META_FILE
-        tmp_st, tmp_js = d / (TENSOR_FILE + ".tmp"), d / (META_FILE + ".tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}, str(tmp_st))
-        meta = dict(self.meta, format=STATS_FORMAT, tensor_bytes=tmp_st.stat().st_size)
-        tmp_js.write_text(json.dumps(meta, indent=1, ensure_ascii=False, default=str))
-        # JSON last: a stats folder whose JSON names the tensor file's size is complete
-        os.replace(tmp_st, st)
-        os.replace(tmp_js, js)
+        js.unlink(missing_ok=True)  # the folder is complete again only when the JSON is back
+        with atomic_path(st) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}, str(tmp))
+        meta = dict(self.meta, format=STATS_FORMAT, tensor_bytes=st.stat().st_size, tensor_sha256=file_digest(st))
+        write_json(js, meta)
         self.meta = meta
         return d
 
@@ -285,11 +272,14 @@ class ActivationStats:
             if not p.is_file():
                 raise FileNotFoundError(
                     f"statistics file missing: {p} (a stats folder holds {TENSOR_FILE} + {META_FILE})")
-        meta = json.loads(js.read_text())
+        meta = read_json(js, "statistics metadata")
         if meta.get("format") != STATS_FORMAT:
             raise ValueError(f"{js}: statistics format {meta.get('format')!r}, expected {STATS_FORMAT}")
         if meta.get("tensor_bytes") is not None and st.stat().st_size != meta["tensor_bytes"]:
             raise ValueError(f"{st} does not match {js} (size differs): delete the folder and collect again")
+        if meta.get("tensor_sha256") and file_digest(st) != meta["tensor_sha256"]:
+            raise ValueError(f"{st} does not match {js} (content differs from its digest): delete the folder and "
+                             "collect again")
         return cls(dict(load_file(str(st))), meta)
 
     def check_model(self, loaded: LoadedModel) -> None:

@@ -7,13 +7,15 @@
    training; when the trained parameters are known (`expect_changed`), exactly those must differ;
 2. plain `transformers.AutoModelForCausalLM.from_pretrained(folder)` reloads it with logits identical
    to the in-memory model (`verify_reload=True`).
+
+The folder is built under a temporary name and renamed when complete (a full disk leaves nothing behind),
+and carries `neuroshield-manifest.json` (written last: size and sha256 of every file), which
+`check_merged` compares before the folder is used again. Weights that are not all finite are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from neuroshield.io import MANIFEST, ArtifactError, atomic_dir, check_manifest, write_json, write_manifest
 
 
 class ExportError(RuntimeError):
@@ -133,11 +137,31 @@ def save_merged(
     `expect_changed` (parameter names) makes it exact: those and only those must differ.
     """
     out = Path(folder)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
+    model = loaded.model
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ExportError(f"{out}: not written: {len(bad)} weight tensors hold inf or NaN (first: {bad[0]}); training "
+                          "diverged: train again with a lower learning rate")
+    with atomic_dir(out) as tmp:
+        result = _save_checked(loaded, out, tmp, base_digests, expect_changed, verify, atol, meta)
+        write_manifest(tmp)  # last: the folder is complete
+    return result
 
-        shutil.rmtree(tmp)
+
+def check_merged(folder: str | Path) -> None:
+    """Raise ArtifactError when an exported folder does not match its manifest (a folder exported before
+    manifests were written passes)."""
+    d = Path(folder)
+    if not (d / MANIFEST).is_file():
+        return
+    problems = check_manifest(d)
+    if problems:
+        raise ArtifactError(f"{d}: the exported model is damaged ({problems[0]}): train the recipe again")
+
+
+def _save_checked(loaded: Any, out: Path, tmp: Path, base_digests: dict[str, str] | None,
+                  expect_changed: Iterable[str] | None, verify: bool, atol: float, meta: dict[str, Any] | None
+                  ) -> ExportResult:
     model = loaded.model
     model.save_pretrained(str(tmp), safe_serialization=True)
     if getattr(loaded, "processor", None) is not None:  # a VLM: the processor (its tokenizer included)
@@ -147,7 +171,7 @@ def save_merged(
     elif getattr(loaded, "tokenizer", None) is not None:
         loaded.tokenizer.save_pretrained(str(tmp))
     if meta:
-        (tmp / "neuroshield-train.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False, default=str))
+        write_json(tmp / "neuroshield-train.json", meta)
     saved = saved_digests(tmp)
     result = ExportResult(folder=str(out), tensors_saved=len(saved))
     if base_digests is not None:
@@ -171,19 +195,8 @@ def save_merged(
         result.tensors_changed = changed
     if verify:
         result.reload_max_abs_diff = verify_reload(tmp, model, loaded.tokenizer, atol)
-    if out.exists():
-        import shutil
-
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
     return result
 
 
 __all__ = ["ExportError", "ExportResult", "param_digests", "saved_digests", "save_merged", "verify_reload",
-           "tensor_digest", "probe_logits"]
+           "tensor_digest", "probe_logits", "check_merged"]

@@ -10,12 +10,16 @@ Per touched matrix (or bias) the file holds three tensors:
 The header metadata key `neuroshield_patch` holds JSON: format, model id, config hash, recipe, neuron
 set, parameters touched, and per entry the parameter name, axis, shape and dtype. A `.json` copy of the
 metadata is written beside the file for people. Files are written to a temporary name and renamed.
+
+The metadata also holds the sha256 of the tensors (`tensors_sha256`), checked when the patch is read, and
+a patch whose values are not all finite is refused when it is written and when it is read: applied, it
+would make the model produce nothing but NaN.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from neuroshield.models.loading import config_hash
+from neuroshield.io import atomic_path, write_json
+from neuroshield.models.loaded import config_hash
 
 PATCH_FORMAT = 1
 META_KEY = "neuroshield_patch"
@@ -57,6 +62,26 @@ def _layer_of(name: str) -> int:
     return -1
 
 
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _non_finite(entries: Iterable[PatchEntry]) -> list[str]:
+    """'name (n values)' for each entry whose new or orig slices hold inf or NaN."""
+    bad = []
+    for e in entries:
+        n = sum(int((~torch.isfinite(t)).sum()) for t in (e.new, e.orig) if t.is_floating_point())
+        if n:
+            bad.append(f"{e.name} ({n} values)")
+    return bad
+
+
 def save_patch(path: str | Path, entries: Iterable[PatchEntry], meta: dict[str, Any]) -> Path:
     """Write a patch file (and its `.json` metadata copy); returns the .safetensors path."""
     p = Path(path)
@@ -78,14 +103,17 @@ def save_patch(path: str | Path, entries: Iterable[PatchEntry], meta: dict[str, 
         touched += int(e.new.numel())
     if not items:
         raise PatchError("a patch needs at least one entry")
-    full = {"format": PATCH_FORMAT, **meta, "parameters_touched": touched, "entries": items}
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(full, ensure_ascii=False, default=str)})
-    js = p.with_suffix(".json")
-    tmp_js = js.with_name(js.name + ".tmp")
-    tmp_js.write_text(json.dumps(full, indent=1, ensure_ascii=False, default=str))
-    os.replace(tmp, p)
-    os.replace(tmp_js, js)
+    entries_by_name = [PatchEntry(it["name"], it["axis"], tensors[f"{it['name']}|index"], tensors[f"{it['name']}|orig"],
+                                  tensors[f"{it['name']}|new"]) for it in items]
+    bad = _non_finite(entries_by_name)
+    if bad:
+        raise PatchError(f"{p}: not written: the trained values are not all finite (inf or NaN in {', '.join(bad[:3])}); "
+                         "training diverged: train again with a lower learning rate")
+    full = {"format": PATCH_FORMAT, **meta, "parameters_touched": touched, "entries": items,
+            "tensors_sha256": _tensors_digest(tensors)}
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(full, ensure_ascii=False, default=str)})
+    write_json(p.with_suffix(".json"), full)
     return p
 
 
@@ -118,6 +146,16 @@ def read_patch(path: str | Path) -> tuple[dict[str, Any], list[PatchEntry]]:
         raise
     except Exception as err:  # a damaged or foreign file
         raise PatchError(f"{p}: cannot read the patch ({err.__class__.__name__}: {err})") from None
+    want = meta.get("tensors_sha256")
+    if want:
+        tensors = {f"{e.name}|{part}": getattr(e, part) for e in entries for part in ("index", "orig", "new")}
+        if _tensors_digest(tensors) != want:
+            raise PatchError(f"{p}: the tensors differ from the digest recorded in the patch (the file is damaged): "
+                             "use an intact copy or train again")
+    bad = _non_finite(entries)
+    if bad:
+        raise PatchError(f"{p}: holds values that are not finite (inf or NaN in {', '.join(bad[:3])}); applied, it "
+                         "would break the model: do not use it, train again with a lower learning rate")
     return meta, entries
 
 

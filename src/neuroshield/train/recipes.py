@@ -46,8 +46,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from neuroshield.data.records import PromptRecord
+from neuroshield.io import (
+    ArtifactError,
+    atomic_dir,
+    atomic_path,
+    check_manifest,
+    digest_entries,
+    read_json,
+    write_json,
+)
 from neuroshield.models.sites import count_parameters
-from neuroshield.neurons.neuronset import NeuronSet, random_like
+from neuroshield.neurons.neuronset import NeuronSet, random_like, run_set_names
 from neuroshield.train.data import (
     IGNORE_INDEX,
     EncodedExample,
@@ -91,19 +100,22 @@ def find_set_files(folder: str | Path, languages: Sequence[str] | None = None,
                    modalities: Sequence[str] = ("text",)) -> list[Path]:
     """The MS-neuron set files of `folder` (`ms_<lang>.safetensors`, `ms_<lang>_<modality>.safetensors`).
 
-    `languages=None` means every language found in the folder (text sets named `ms_<xx>`).
+    `languages=None` means every language of the folder (text sets named `ms_<xx>`). Where identify listed its
+    run's sets (`sets.json`), only those count: sets an earlier run left are never united.
     """
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f"neuron set folder not found: {d}")
+    names = run_set_names(d)  # the sets of the identify run that wrote the folder (None: no list there)
     if languages is None:
-        languages = sorted({p.stem[3:] for p in d.glob("ms_*.safetensors") if len(p.stem) == 5})
+        stems = names if names is not None else [p.stem for p in d.glob("ms_*.safetensors")]
+        languages = sorted({s[3:] for s in stems if s.startswith("ms_") and len(s) == 5})
         if not languages:
             raise FileNotFoundError(f"{d}: no ms_<lang>.safetensors sets; run `neuroshield identify` first")
     out: list[Path] = []
     for lang in languages:
         for mod in modalities:
-            found = [p for p in _set_file_candidates(d, lang, mod) if p.is_file()]
+            found = [p for p in _set_file_candidates(d, lang, mod) if p.is_file() and (names is None or p.stem in names)]
             if not found:
                 have = ", ".join(sorted(p.name for p in d.glob("*.safetensors"))) or "none"
                 raise FileNotFoundError(f"{d}: no set for language {lang!r}, modality {mod!r} "
@@ -323,43 +335,55 @@ def _trainable_named(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors")
+
+
+class CheckpointError(ArtifactError):
+    """A checkpoint that cannot be trusted (truncated, damaged): training falls back to the one before it."""
+
+
+def _checkpoint_step(d: Path) -> int:
+    return int(d.name.rsplit("-", 1)[-1])
+
+
+def checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of `out_dir` (their state.json, written last, is there), newest first."""
+    found = [d for d in Path(out_dir).glob("checkpoint-*")
+             if d.is_dir() and d.name.rsplit("-", 1)[-1].isdigit() and (d / "state.json").is_file()]
+    return sorted(found, key=_checkpoint_step, reverse=True)
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    best, best_step = None, -1
-    for d in Path(out_dir).glob("checkpoint-*"):
-        if d.is_dir() and d.name.split("-")[-1].isdigit() and (d / "state.json").is_file():
-            step = int(d.name.split("-")[-1])
-            if step > best_step:
-                best, best_step = d, step
-    return best
+    found = checkpoints(out_dir)
+    return found[0] if found else None
 
 
 def save_checkpoint(out_dir: Path, step: int, module: nn.Module, optimizer: Any, history: list[dict[str, float]],
-                    fingerprint: dict[str, Any], keep: int = 1) -> Path:
-    """Trainable tensors, optimizer state, RNG state and step, into `checkpoint-<step>` (atomic rename)."""
+                    fingerprint: dict[str, Any], keep: int = 2) -> Path:
+    """Trainable tensors, optimizer state, RNG state and step, into `checkpoint-<step>`: built under a temporary
+    name, with the digests of its files in state.json (written last), then renamed. The `keep` newest complete
+    checkpoints stay (older ones are removed only once this one is in place), so a damaged newest checkpoint
+    falls back to the one before it."""
     from safetensors.torch import save_file
 
     final = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f".checkpoint-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in _trainable_named(module)}
-    save_file(tensors, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "fingerprint": fingerprint},
-                                               indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    olds = sorted((d for d in out_dir.glob("checkpoint-*") if d.name.split("-")[-1].isdigit() and d != final),
-                  key=lambda d: int(d.name.split("-")[-1]))
-    for d in olds[: max(0, len(olds) - (keep - 1))]:
-        shutil.rmtree(d, ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        tensors = {n: p.detach().cpu().contiguous() for n, p in _trainable_named(module)}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        write_json(tmp / "state.json", {"step": step, "history": history, "fingerprint": fingerprint,
+                                        "files": digest_entries(tmp, CHECKPOINT_FILES)})
+    olds = [d for d in Path(out_dir).glob("checkpoint-*") if d.name.rsplit("-", 1)[-1].isdigit() and d != final]
+    complete = set(checkpoints(out_dir)) - {final}
+    newest_kept = sorted(complete, key=_checkpoint_step, reverse=True)[: max(0, keep - 1)]
+    for d in olds:
+        if d not in newest_kept:
+            shutil.rmtree(d, ignore_errors=True)
     return final
 
 
@@ -370,10 +394,9 @@ def _save_selected(out_dir: Path, module: nn.Module, step: int) -> None:
     """The trainable tensors of the best step so far (atomic), so that a resumed run can still return them."""
     from safetensors.torch import save_file
 
-    tmp = out_dir / f".{_SELECTED}.tmp"
-    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_named(module)}, str(tmp),
-              metadata={"step": str(step)})
-    os.replace(tmp, out_dir / _SELECTED)
+    with atomic_path(out_dir / _SELECTED) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_named(module)}, str(tmp),
+                  metadata={"step": str(step)})
 
 
 def _load_selected(out_dir: Path, module: nn.Module, step: int) -> None:
@@ -393,24 +416,37 @@ def _load_selected(out_dir: Path, module: nn.Module, step: int) -> None:
 
 def load_checkpoint(ckpt: Path, module: nn.Module, optimizer: Any, fingerprint: dict[str, Any]
                     ) -> tuple[int, list[dict[str, float]]]:
+    """Restore a checkpoint into `module` and `optimizer`; returns (step, loss history). Every file is checked
+    (digests, then read whole) before anything is restored: a damaged one raises CheckpointError and leaves the
+    module and optimizer as they were. A checkpoint of another training setup raises ValueError."""
     from safetensors.torch import load_file
 
-    state = json.loads((ckpt / "state.json").read_text())
+    try:
+        state = read_json(ckpt / "state.json", "checkpoint state")
+    except ArtifactError as err:
+        raise CheckpointError(str(err)) from None
     old = state.get("fingerprint", {})
     diffs = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {old.get(k)!r} vs now {fingerprint.get(k)!r}" for k in diffs[:6])
         raise ValueError(f"{ckpt}: this checkpoint was written by a different training setup ({detail}). "
                          "Use another --out folder, or --no-resume to start over.")
-    tensors = load_file(str(ckpt / "trainable.safetensors"))
+    problems = check_manifest(ckpt, "state.json") if "files" in state else []  # older checkpoints: no digests
+    if problems:
+        raise CheckpointError(f"{ckpt}: {problems[0]}")
+    try:
+        tensors = load_file(str(ckpt / "trainable.safetensors"))
+        optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        rng = load_file(str(ckpt / "rng.safetensors"))
+    except Exception as err:  # truncated or damaged files of a checkpoint written before digests
+        raise CheckpointError(f"{ckpt}: cannot be read ({err.__class__.__name__}: {err})") from None
     named = dict(_trainable_named(module))
     if set(tensors) != set(named):
         raise ValueError(f"{ckpt}: trainable tensors do not match this model (use --no-resume or another --out)")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(tensors[n].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
-    rng = load_file(str(ckpt / "rng.safetensors"))
+    optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
@@ -441,16 +477,11 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long set names would run off the figure
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,8 +572,11 @@ def train(
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     if recipe in NEURON_RECIPES and neuron_set is None:
         raise ValueError(f"recipe {recipe!r} needs a neuron set (neuron_set=, CLI --set)")
-    if steps < 0 or batch_size < 1 or grad_accum < 1 or checkpoint_every < 1:
-        raise ValueError("steps must be >= 0; batch_size, grad_accum and checkpoint_every >= 1")
+    if steps < 1 or batch_size < 1 or grad_accum < 1 or checkpoint_every < 1:
+        raise ValueError(f"steps, batch_size, grad_accum and checkpoint_every must be >= 1 (got {steps}, {batch_size}, "
+                         f"{grad_accum}, {checkpoint_every}); 0 steps would export the base model as a trained one")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr={lr!r}: the learning rate must be > 0")
     from accelerate import Accelerator
 
     t_start = time.perf_counter()
@@ -648,17 +682,25 @@ def train(
     # --- resume --------------------------------------------------------------------------------------
     unwrapped = acc.unwrap_model(wrapper)
     start, history, resumed_from = 0, [], None
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None and int(ckpt.name.rsplit("-", 1)[-1]) > steps:
+    found = checkpoints(out) if resume else []
+    if found and _checkpoint_step(found[0]) > steps:
         # a longer earlier run: resuming would export its later weights as this run's result
-        log.warning("%s is past steps=%d: starting %s again", ckpt, steps, recipe)
-        ckpt, resume = None, False
-    if ckpt is not None:
-        start, history = load_checkpoint(ckpt, unwrapped, optimizer, fingerprint)
+        log.warning("%s is past steps=%d: starting %s again", found[0], steps, recipe)
+        found, resume = [], False
+    for ckpt in found:  # newest first; a damaged one falls back to the one before it
+        try:
+            start, history = load_checkpoint(ckpt, unwrapped, optimizer, fingerprint)
+        except CheckpointError as err:
+            log.warning("%s; trying the checkpoint before it", err)
+            continue
         history = [h for h in history if h["step"] <= start]
         resumed_from = start
         log.info("resuming %s from %s (step %d)", recipe, ckpt, start)
-    elif not resume and acc.is_main_process:
+        break
+    else:
+        if found:
+            log.warning("no readable checkpoint in %s: training %s from the start", out, recipe)
+    if resumed_from is None and not resume and acc.is_main_process:
         for d in out.glob("checkpoint-*"):
             shutil.rmtree(d, ignore_errors=True)
 
@@ -764,7 +806,7 @@ def train(
                          done_now, history, used_set, None, None, None, resumed_from, True, acc, config, data_info,
                          mem)
         if acc.is_main_process:
-            _write_json(out / "summary.json", result.to_dict())
+            write_json(out / "summary.json", result.to_dict())
         raise KeyboardInterrupt
 
     if acc.is_main_process and (step > last_saved or latest_checkpoint(out) is None):
@@ -817,9 +859,9 @@ def train(
                      mem)
     result.selected_step = selected[1] if selected is not None else None
     if acc.is_main_process:
-        _write_json(out / "loss.json", history)
+        write_json(out / "loss.json", history)
         plot_losses(history, out / "loss.png", f"{recipe} on {loaded.model_id}")
-        _write_json(out / "summary.json", result.to_dict())
+        write_json(out / "summary.json", result.to_dict())
     return result
 
 
@@ -888,4 +930,5 @@ def evaluate_quick(loaded: Any, harmful: Sequence[PromptRecord], benign: Sequenc
 
 __all__ = ["RECIPES", "NEURON_RECIPES", "DEFAULT_BUDGET", "DEFAULT_LR", "TrainResult", "train",
            "recipe_neuron_set", "find_set_files", "trim_set", "prepare_examples", "evaluate_quick",
-           "latest_checkpoint", "save_checkpoint", "load_checkpoint", "plot_losses", "peak_rss_mb"]
+           "latest_checkpoint", "checkpoints", "CheckpointError", "save_checkpoint", "load_checkpoint", "plot_losses",
+           "peak_rss_mb"]
