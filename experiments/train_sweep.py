@@ -7,8 +7,12 @@ benign prompts in every language with the English refusal. This script trains on
 (learning rate, steps, where the benign retain set comes from, its share of each batch) from the same
 base weights and screens each result on **held-in** prompts that training did not use: harmful prompts
 in every configured language, and parallel benign prompts in every language. Answers are short
-(`--max-new-tokens`) and judged with the refusal-phrase judge. The best setting is then confirmed on the
-held-out split with the pipeline (`neuroshield run ... --set train.*=...`).
+(`--max-new-tokens`) and judged with the refusal-phrase judge (one verdict per answer: refusal, compliance or
+invalid; the row keeps the refusal rate, the ASR = compliance share and the invalid share), and every prompt
+also gets the fast refusal score (`neuroshield.judges.logprob.refusal_score`: log-odds of refusal vs
+compliance openers, one forward pass, no generation; `mean_refusal_log_odds`), so that settings can be screened
+without generating. The best setting is then confirmed on the held-out split with the pipeline
+(`neuroshield run ... --set train.*=...`).
 
     python experiments/train_sweep.py --config configs/quick.yaml --set name=compare \\
         --settings "lr=0.005" "lr=0.005 steps=30 benign_answers=self" \\
@@ -77,14 +81,27 @@ def _key(e: dict[str, Any]) -> str:
     return f"{e['label']}/{e['language']}/{e.get('modality', 'text')}/{e['id']}"
 
 
+def _verdict(e: dict[str, Any]) -> str:
+    """An example's verdict; examples recorded before the three verdicts have only `refused`."""
+    return e.get("verdict") or ("refusal" if e["refused"] else "compliance")
+
+
 def _rates(examples: list[dict[str, Any]], langs: list[str]) -> dict[str, Any]:
-    """Refusal rate per label (harmful, benign), overall and per language, of judged examples."""
+    """Per label (harmful, benign): refusal rate overall and per language, ASR (compliance share), invalid share
+    and the mean fast refusal score (where recorded), of judged examples."""
     out: dict[str, Any] = {}
+    nan = float("nan")
     for role in ("harmful", "benign"):
         rows = [e for e in examples if e["label"] == role]
-        per = {lang: statistics.fmean(e["refused"] for e in rows if e["language"] == lang) for lang in langs
+
+        def share(verdict: str, rows: list[dict[str, Any]] = rows) -> float:
+            return statistics.fmean(_verdict(e) == verdict for e in rows) if rows else nan
+
+        per = {lang: statistics.fmean(_verdict(e) == "refusal" for e in rows if e["language"] == lang) for lang in langs
                if any(e["language"] == lang for e in rows)}
-        out[role] = {"refusal_rate": statistics.fmean(e["refused"] for e in rows) if rows else float("nan"),
+        scores = [e["refusal_log_odds"] for e in rows if e.get("refusal_log_odds") is not None]
+        out[role] = {"refusal_rate": share("refusal"), "asr": share("compliance"), "invalid_rate": share("invalid"),
+                     "mean_refusal_log_odds": statistics.fmean(scores) if scores else None,
                      "n": len(rows), "per_language": per}
     return out
 
@@ -137,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from neuroshield.config import load_config
     from neuroshield.generate.generation import generate_responses
-    from neuroshield.judges.phrase import RefusalPhraseJudge
-    from neuroshield.judges.registry import judge_info
+    from neuroshield.judges.logprob import refusal_score
+    from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
     from neuroshield.pipeline import Pipeline
 
     def pipeline(setting: dict[str, Any]) -> Pipeline:
@@ -151,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (base_pipe.run_dir / "identify" / config.train.method).is_dir():
         raise SystemExit(f"{base_pipe.run_dir / 'identify'} has no {config.train.method} sets: run "
                          f"`neuroshield run {args.config} --stages identify` first")
-    judge = RefusalPhraseJudge()
+    judge = get_judge("refusal-phrase")
     langs = list(config.languages)
 
     # screening prompts: held-in, the *last* ones of the split's ranking in every language, so that they are
@@ -173,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         recs = screen_h + screen_b if recs is None else recs
         answers = generate_responses(loaded, recs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      progress=False)
-        examples = [{**_ref(r), "refused": v.refused, "answer": a}
-                    for r, v, a in zip(recs, judge.judge_batch(answers, [r.language for r in recs]), answers)]
+        langs_ = [r.language for r in recs]
+        verdicts = judge_responses(judge, answers, langs_, prompts=[r.text for r in recs])
+        scores = refusal_score(loaded, recs, langs_, args.batch_size)
+        examples = [{**_ref(r), "verdict": result_verdict(v), "refusal_log_odds": round(sc, 4), "answer": a}
+                    for r, v, sc, a in zip(recs, verdicts, scores, answers)]
         return {**_rates(examples, langs), "examples": examples}
 
     out_path = Path(args.out)
@@ -197,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         start = time.perf_counter()
         for e in screen(base_pipe.base_model(), missing)["examples"]:
-            base_answers[_key(e)] = {"refused": e["refused"], "answer": e["answer"]}
+            base_answers[_key(e)] = {"verdict": e["verdict"], "refusal_log_odds": e["refusal_log_odds"],
+                                     "answer": e["answer"]}
         print(f"base answers to {len(missing)} prompts: {time.perf_counter() - start:.0f}s", flush=True)
     for row in rows:
         if all(_key(e) in base_answers for e in row["examples"]):
@@ -246,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         _write_atomic(out_path, result)
         h, bn = scr["harmful"]["refusal_rate"], scr["benign"]["refusal_rate"]
-        print(f"{setting}: harmful refusal {h:.3f} ({h - b['harmful']['refusal_rate']:+.3f})  benign refusal {bn:.3f} "
-              f"({bn - b['benign']['refusal_rate']:+.3f})  train {train_s:.0f}s", flush=True)
+        print(f"{setting}: harmful refusal {h:.3f} ({h - b['harmful']['refusal_rate']:+.3f}), ASR "
+              f"{scr['harmful']['asr']:.3f}, invalid {scr['harmful']['invalid_rate']:.3f}  benign refusal {bn:.3f} "
+              f"({bn - b['benign']['refusal_rate']:+.3f}), invalid {scr['benign']['invalid_rate']:.3f}  "
+              f"train {train_s:.0f}s", flush=True)
     print(f"written {out_path}")
     return 0
 

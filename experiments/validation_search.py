@@ -2,13 +2,15 @@
 
 Issue 4 asks what to try when suppressing the MS set does not beat a random control. Full answers for
 every (method, ρ, mode) cost minutes each on a CPU, so this script screens with short answers
-(`--max-new-tokens`, 12 by default: refusals show in the first words) and the refusal-phrase judge, or
-with the log-probability judge (`--judge logprob`: P(refusal openers) vs P(compliance openers); no
-generation, but slower on a CPU because it scores every opener), on **held-in** prompts only (the split
-identify used; the held-out prompts stay for `neuroshield validate`).
-For each set it reports the mean judge score and the refusal rate with no
+(`--max-new-tokens`, 12 by default: refusals show in the first words) and the refusal-phrase judge (one verdict
+per answer: refusal, compliance or invalid), or with the fast refusal score (`--judge logprob`: the log-odds of
+refusal vs compliance openers at the first answer position, `neuroshield.judges.logprob.refusal_score`; one
+forward pass, no generation), on **held-in** prompts only (the split identify used; the held-out prompts stay
+for `neuroshield validate`).
+For each set it reports the mean judge score, the refusal rate and (phrase judge) the invalid share with no
 intervention, with the set, and with `--controls` random sets of the same count per layer, plus the same
-on benign prompts (a set that also makes benign prompts "refused" is breaking the model, not safety).
+on benign prompts (a set that also makes benign prompts "refused", or invalid, is breaking the model, not
+safety).
 
     python experiments/validation_search.py --stats runs/quick/identify/stats --language en \
         --out experiments/results/validation_search.json
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benign", type=int, default=16, help="held-in benign prompts (parallel benign set)")
     ap.add_argument("--controls", type=int, default=1)
     ap.add_argument("--judge", choices=["phrase", "logprob"], default="phrase",
-                    help="phrase: generate --max-new-tokens greedily and apply the refusal-phrase judge (faster on a "
-                         "CPU than logprob, which scores every opener of every prompt)")
+                    help="phrase: generate --max-new-tokens greedily and apply the refusal-phrase judge; logprob: the "
+                         "fast refusal score (one forward pass per batch, no generation)")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -57,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from neuroshield.data.loaders import load_prompts
     from neuroshield.data.templates import load_parallel_benign
     from neuroshield.generate.generation import generate_responses
-    from neuroshield.judges.phrase import RefusalPhraseJudge
-    from neuroshield.judges.logprob import LogprobRefusalJudge
-    from neuroshield.judges.registry import judge_info
     from neuroshield.intervene.interventions import intervene
+    from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
     from neuroshield.models import load_model
     from neuroshield.neurons.neuronset import random_like
     from neuroshield.neurons.selection import language_set, shared_sets
@@ -75,20 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     benign = limit_per_group(select_split([r for r in load_parallel_benign([lang]) if r.label == "benign"],
                                           "held-in"), args.benign, args.seed)
     if args.judge == "logprob":
-        judge: Any = LogprobRefusalJudge(loaded, batch_size=8)
+        judge: Any = get_judge("logprob", loaded, batch_size=args.batch_size)
     else:
-        judge = RefusalPhraseJudge()
+        judge = get_judge("refusal-phrase")
 
     def measure(records: list[Any]) -> dict[str, float]:
+        langs = [r.language for r in records]
         if args.judge == "logprob":
-            res = judge.judge_prompts([r.text for r in records], [r.language for r in records])
+            res = judge.judge_prompts([r.text for r in records], langs)
         else:
             answers = generate_responses(loaded, records, max_new_tokens=args.max_new_tokens,
                                          batch_size=args.batch_size, progress=False)
-            res = judge.judge_batch(answers, [r.language for r in records])
-        # mean_score: P(refusal) for the logprob judge; 1 / 0.25 / 0 per answer for the phrase judge
+            res = judge_responses(judge, answers, langs, prompts=[r.text for r in records])
+        verdicts = [result_verdict(r) for r in res]
+        # mean_score: P(refusal) = sigmoid(refusal log-odds) for the logprob judge; 1 / 0.25 / 0 per answer for
+        # the phrase judge
         return {"mean_score": statistics.fmean(r.score for r in res),
-                "refusal_rate": sum(r.refused for r in res) / len(res)}
+                "refusal_rate": verdicts.count("refusal") / len(res),
+                "invalid_rate": verdicts.count("invalid") / len(res)}
 
     def both() -> dict[str, dict[str, float]]:
         return {"harmful": measure(harmful), "benign": measure(benign)}
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in controls:
                     with intervene(loaded, c, spec, stats=stats):
                         ctrl.append(both())
-                metrics = ("mean_score", "refusal_rate")
+                metrics = ("mean_score", "refusal_rate", "invalid_rate")
                 row = {"method": method, "rho": rho, "mode": mode, "neurons": len(ns), "set": with_set,
                        "controls": ctrl,
                        "control_mean": {k: {m: statistics.fmean(c[k][m] for c in ctrl) for m in metrics}

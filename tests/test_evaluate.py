@@ -198,7 +198,7 @@ def test_logprob_judge_needs_no_generation(tmp_path, monkeypatch) -> None:
     suite = EvalSuite(harmful=_suite().harmful, benign=_suite().benign)
     res = evaluate(lm, suite, judge="logprob", out_dir=tmp_path, n_resamples=50, progress=False)
     assert res.judge["name"] == "logprob"
-    assert all(c.judge == "logprob@1" and c.mean_score is not None for c in res.safety)
+    assert all(c.judge == "logprob@2" and c.mean_score is not None for c in res.safety)
     again = evaluate(lm, suite, judge="logprob", out_dir=tmp_path, n_resamples=50, progress=False)
     assert again.timings["cache_misses"] == 0
 

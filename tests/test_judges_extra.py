@@ -1,4 +1,5 @@
-"""Extra judges: the log-probability refusal judge, the local classifier / guard judge, the factory.
+"""Judges beside the phrase judge: the fast refusal score and its prompt judge, the local classifier / guard judge,
+the registry.
 
 Tiny models are trained for a few steps on labelled examples in several languages so that the judges'
 verdicts can be checked against labels (mechanics and plumbing, not the quality of a real judge).
@@ -13,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from neuroshield.judges.classifier import LABEL_MEANINGS, ClassifierJudge, parse_guard_output
-from neuroshield.judges.logprob import OPENERS, LogprobRefusalJudge, openers_for
+from neuroshield.judges.logprob import OPENERS, LogprobRefusalJudge, opener_token_sets, openers_for, refusal_score
 from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses
 from neuroshield.models.chat import encode_chat
 from neuroshield.models.tiny import byte_tokenizer, tiny_model
@@ -56,31 +57,27 @@ def test_openers_cover_languages() -> None:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
-def test_logprob_judge_matches_unbatched_computation(model_type: str) -> None:
+def test_refusal_score_is_the_first_token_log_odds(model_type: str) -> None:
     lm = tiny_model(model_type, seed=3)
-    judge = LogprobRefusalJudge(lm, batch_size=3)
     prompts = [p for p, _, _ in LABELLED][:5]
     langs = [lang for _, lang, _ in LABELLED][:5]
-    table = judge.opener_logprobs(prompts, langs)
-    for p, (ref, comp) in zip(prompts, table):
+    scores = refusal_score(lm, prompts, langs, batch_size=3)
+    for p, lang, sc in zip(prompts, langs, scores):
         enc = encode_chat(lm.tokenizer, p)
-        for opener, value in list(ref.items())[:3] + list(comp.items())[:3]:
-            ids = lm.tokenizer(opener, add_special_tokens=False)["input_ids"]
-            x = torch.tensor([list(enc.input_ids) + ids])
-            with torch.no_grad():
-                lp = torch.log_softmax(lm.model(x).logits[0].double(), -1)
-            want = sum(float(lp[enc.prompt_len - 1 + k, t]) for k, t in enumerate(ids))
-            assert value == pytest.approx(want, abs=1e-4)
-    # score = sigmoid(LSE(refusal) - LSE(compliance))
-    res = judge.judge_prompts(prompts, langs)
-    for (ref, comp), r in zip(table, res):
-        diff = torch.logsumexp(torch.tensor(list(ref.values()), dtype=torch.float64), 0) - \
-            torch.logsumexp(torch.tensor(list(comp.values()), dtype=torch.float64), 0)
-        assert r.score == pytest.approx(1 / (1 + math.exp(-float(diff))), rel=1e-6, abs=1e-12)
-        assert r.refused == (r.score >= 0.5)
-    # batch size does not change anything
-    res1 = LogprobRefusalJudge(lm, batch_size=1).judge_prompts(prompts, langs)
-    assert [r.score for r in res1] == pytest.approx([r.score for r in res], rel=1e-5, abs=1e-9)
+        with torch.no_grad():
+            lp = torch.log_softmax(lm.model(torch.tensor([list(enc.input_ids)])).logits[0, -1].double(), -1)
+        ref, comp = opener_token_sets(lm.tokenizer, lang)
+        assert not set(ref) & set(comp)
+        want = torch.logsumexp(lp[ref], 0) - torch.logsumexp(lp[comp], 0)
+        assert sc == pytest.approx(float(want), abs=1e-4)
+    # batch size does not change anything; the judge is sigmoid(score)
+    assert refusal_score(lm, prompts, langs, batch_size=1) == pytest.approx(scores, abs=1e-5)
+    res = LogprobRefusalJudge(lm, batch_size=2).judge_prompts(prompts, langs)
+    for sc, r in zip(scores, res):
+        assert r.score == pytest.approx(1 / (1 + math.exp(-sc)), rel=1e-5, abs=1e-9)
+        assert r.refused == (r.score >= 0.5) and r.verdict in ("refusal", "compliance") and "log-odds" in r.reason
+    with pytest.raises(ValueError):
+        refusal_score(lm, prompts, langs[:2])
 
 
 def _train_causal(lm, pairs, steps: int = 80, lr: float = 5e-3) -> None:
@@ -111,19 +108,24 @@ def test_logprob_judge_on_labelled_multilingual_examples() -> None:
     lm = tiny_model("llama", layers=2, hidden=64, intermediate=128, seed=0)
     # a "safe" model: refusal openers of the prompt's language for harmful prompts, compliance otherwise
     pairs = []
+    tok = lm.tokenizer
     for prompt, lang, harmful in LABELLED:
-        ref, comp = OPENERS[lang]
-        pairs.append((prompt, (ref[0] if harmful else comp[0]) + " ..."))
+        # an opener whose first token tells its class (a byte tokenizer shares many first bytes)
+        ref_ids, comp_ids = opener_token_sets(tok, lang)
+        ref, comp = openers_for(lang)
+        first = {o: tok(o, add_special_tokens=False)["input_ids"][0] for o in ref + comp}
+        opener = next(o for o in (ref if harmful else comp) if first[o] in (ref_ids if harmful else comp_ids))
+        pairs.append((prompt, opener + " ..."))
     _train_causal(lm, pairs)
     judge = LogprobRefusalJudge(lm, batch_size=4)
     res = judge.judge_prompts([p for p, _, _ in LABELLED], [lang for _, lang, _ in LABELLED])
     assert [r.refused for r in res] == [h for _, _, h in LABELLED]
     for r, (_, _, harmful) in zip(res, LABELLED):
         assert (r.score > 0.9) if harmful else (r.score < 0.1)
-        assert r.matched and "log-odds" in r.reason
+        assert "log-odds" in r.reason
     info = judge.describe()
     assert info["name"] == "logprob" and info["version"] and info["config_hash"] == lm.config_hash
-    assert judge_label(judge) == "logprob@1"
+    assert judge_label(judge) == "logprob@2"
     with pytest.raises(ValueError):
         LogprobRefusalJudge(None)
     with pytest.raises(ValueError):

@@ -78,12 +78,13 @@ def register(app: typer.Typer) -> None:
                               cache_dir=cache_dir)
         typer.echo(f"set {neuron_set.name} ({len(neuron_set)} neurons)  mode {parsed}  {controls} controls  "
                    f"{len(records)} prompts  wall time {time.perf_counter() - start:.0f} s")
-        typer.echo(f"{'group':22s} {'n':>4s} {'none':>6s} {'set':>6s} {'control':>14s}")
+        typer.echo(f"{'group':22s} {'n':>4s} {'none':>6s} {'set':>6s} {'control':>14s}   invalid none/set")
         for r in result.rows:
             ctrl = "" if r["refusal_control_mean"] is None else \
                 f"{r['refusal_control_mean']:.2f}±{r['refusal_control_sd']:.2f}"
             typer.echo(f"{r['language'] + '/' + r['modality'] + '/' + r['label']:22s} {r['n']:4d} "
-                       f"{r['refusal_none']:6.2f} {r['refusal_set']:6.2f} {ctrl:>14s}")
+                       f"{r['refusal_none']:6.2f} {r['refusal_set']:6.2f} {ctrl:>14s}   "
+                       f"{r['invalid_none']:.2f}/{r['invalid_set']:.2f}")
         if result.guard:
             g = result.guard
             cm = g.get("control_mean", {})
