@@ -1,0 +1,37 @@
+"""Evaluation prompts are ids that no other stage uses, in any language (XSafety is line-parallel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neuroshield.config import load_config
+from neuroshield.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_evaluation_ids_are_used_by_no_other_stage():
+    c = load_config(REPO / "configs" / "quick.yaml")
+    p = Pipeline(c)
+    ic = c.identify
+    identify_ids = {r.id for s in ic.harmful + ic.benign
+                    for label in ("harmful", "benign")
+                    for r in p.prompts(s, label, c.languages, "held-in", ic.per_language)}
+    harmful, benign = p.train_data()
+    train_ids = {r.id for r in harmful + benign}
+    monitor_h, monitor_c = p.monitor_prompts(harmful)
+    monitor_ids = {r.id for r in monitor_h + monitor_c}
+    validation_ids = {r.id for recs in p.validation_harmful().values() for r in recs}
+    evaluation = p.evaluation_harmful()
+    assert len(evaluation) == c.evaluate.harmful_per_language * len(c.languages)
+    eval_ids = {r.id for r in evaluation}
+    for name, ids in [("identify", identify_ids), ("train", train_ids), ("monitor", monitor_ids),
+                      ("validate", validation_ids)]:
+        assert ids and not eval_ids & ids, name
+    # the same ids in every language (parallel), and the contrast set's eval part is never trained on or monitored
+    assert len({r.id for r in evaluation if r.language == "en"}) == c.evaluate.harmful_per_language
+    contrast_eval = p.prompts("contrast", "benign", c.languages, "held-out", c.evaluate.contrast_per_language)
+    assert contrast_eval and {r.meta["split"] for r in contrast_eval} == {"held-out"}
+    contrast_train = {r.meta["pair"] for r in benign if r.source == "neuroshield-contrast"}
+    assert contrast_train and not contrast_train & {r.id for r in contrast_eval}
+    assert not {r.id for r in monitor_c} & {r.id for r in contrast_eval}
