@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             c = _contrast(3, skip=1)
             recs = h + b + c
             kinds = ["harmful"] * len(h) + ["benign"] * len(b) + ["contrast"] * len(c)
-            _run(loaded, recs, kinds, "precise-shield", out, lambda: patched(loaded, args.patch))
+            name = Path(args.patch).parent.name  # the recipe: runs/<run>/train/<recipe>/safety_patch.safetensors
+            _run(loaded, recs, kinds, name, out, lambda: patched(loaded, args.patch))
 
 
 if __name__ == "__main__":
