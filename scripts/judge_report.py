@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="which tables to print (tune with --part dev: the test part is never looked at while tuning)")
     ap.add_argument("--auroc", action="store_true", help="AUROC of refusal_score against the labels (loads the model)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--patch", action="append", default=[],
+                    help="with --auroc: a safety patch (runs/<run>/train/<recipe>/safety_patch.safetensors) to score "
+                         "the rows of model <recipe> with (repeatable)")
     args = ap.parse_args(argv)
 
     from neuroshield.judges.labelled import BOUNDED_GROUPS, BOUNDS, agreement, format_table, load_labelled
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ensure_ascii=False))
     if args.auroc:
         print()
-        print(_auroc_table(rows, args.batch_size))
+        print(_auroc_table(rows, args.batch_size, args.patch))
     return 1 if failing else 0
 
 
@@ -82,19 +85,22 @@ def auroc(scores: list[float], positive: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def _auroc_table(rows: list[dict], batch_size: int) -> str:
-    """AUROC of `refusal_score` (refusal vs not) on the rows of the base model and of the trained model (its
-    patch applied, when the patch file named in the set's header is present), per group and part."""
-    import torch
-
+def _auroc_table(rows: list[dict], batch_size: int, patches: list[str]) -> str:
+    """AUROC of `refusal_score` (refusal vs not) on the rows of the base model, and of each patched model whose
+    patch is given (scored with the patch applied), per group and part."""
+    from neuroshield.evaluate.evaluate import patched
     from neuroshield.judges.labelled import group_of
     from neuroshield.judges.logprob import refusal_score
     from neuroshield.models.loading import load_model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = load_model("default", dtype="bfloat16")
     scored = [r for r in rows if r["model"] == "base"]
     scores = refusal_score(loaded, [r["prompt"] for r in scored], [r["language"] for r in scored], batch_size)
+    for patch in patches:
+        mine = [r for r in rows if r["model"] == Path(patch).parent.name]
+        with patched(loaded, patch):
+            scores += refusal_score(loaded, [r["prompt"] for r in mine], [r["language"] for r in mine], batch_size)
+        scored += mine
     lines = ["| part | group | n | refusals | AUROC |", "|---|---|---:|---:|---:|"]
     for split in ("test", "dev", None):
         for group in ("en", "es/fr/de/ru", "zh/ja", "ar", "bn/hi", "all"):
@@ -105,7 +111,8 @@ def _auroc_table(rows: list[dict], batch_size: int) -> str:
             lines.append(f"| {split or 'dev+test'} | {group} | {len(idx)} | {sum(pos)} | "
                          f"{'—' if value != value else f'{value:.3f}'} |")
     return ("AUROC of refusal_score (one forward pass, log-odds of refusal vs compliance openers at the first answer "
-            "position) against the labels (refusal vs compliance or invalid), base-model rows:\n\n" + "\n".join(lines))
+            "position) against the labels (refusal vs compliance or invalid), rows of "
+            + ", ".join(sorted({r["model"] for r in scored})) + ":\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
