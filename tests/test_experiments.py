@@ -40,6 +40,7 @@ def _tiny_config(tmp_path: Path, languages: str, train: str) -> Path:
     cfg.write_text(f"""
 name: tiny
 model: {folder}
+dtype: float32
 out_dir: {tmp_path / 'runs'}
 languages: [{languages}]
 identify: {{per_language: 4, methods: [plnd], rho: 0.1, batch_size: 4}}

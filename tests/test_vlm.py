@@ -286,7 +286,7 @@ def test_load_model_from_a_saved_folder(arch: str, tmp_path) -> None:
     """llava: AutoProcessor route; qwen2_vl / smolvlm: assembled image-only route (no torchvision here)."""
     lm = _vlm(arch)
     save_tiny_vlm(lm, tmp_path)
-    loaded = load_model(str(tmp_path))
+    loaded = load_model(str(tmp_path), dtype="stored")  # the saved float32 weights, compared exactly below
     assert loaded.adapter is lm.adapter and loaded.processor is not None
     assert loaded.info["processor_route"] in ("auto", "assembled-image-only", "assembled-transformers")
     assert loaded.config_hash == lm.config_hash

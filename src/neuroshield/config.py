@@ -51,10 +51,13 @@ class TrainConfig:
     set_languages: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=lambda: ["en"])  # supervision languages
     per_language: int = 24  # held-in harmful prompts per supervision language
-    harmful: str = ""  # harmful training source ("" = identify's first; e.g. advbench), split by prompt id
-    benign: str = "alpaca-seed"
+    # harmful training sources ([] = identify's first; e.g. advbench, or contrast: the English harmful requests
+    # paired with the contrast set's safe ones), held-in prompts only, per_language from each
+    harmful: list[str] = field(default_factory=list)
+    # retain sources (parallel-benign, contrast: safe requests that sound dangerous, alpaca-seed, ...)
+    benign: list[str] = field(default_factory=lambda: ["alpaca-seed"])
     benign_languages: list[str] = field(default_factory=lambda: ["en"])  # those the benign source has
-    benign_count: int = 24  # held-in benign prompts per benign language
+    benign_count: int = 24  # held-in benign prompts per benign source and language
     benign_fraction: float = 0.5  # share of benign examples in each batch
     benign_answers: str = "self"  # self: the base model's own answers (generated once, cached) | reference
     benign_max_new_tokens: int = 64
@@ -67,6 +70,13 @@ class TrainConfig:
     budget: float = 0.0003  # fraction of all parameters (Precise Shield: 0.03 %)
     trim: str = "layer"  # how the budget trims the set: layer (each layer keeps its share) | score (best overall)
     neuron_parts: str = "all"  # all | output (FFN: only the down_proj columns; see train.sparse)
+    # checkpoint selection: every `select_every` steps (0: off, the last step is the result) refusal is measured
+    # on held-in harmful prompts not trained on (every language) and on the contrast set's train part (safe
+    # requests that sound dangerous); the result is the step with the most harmful refusal whose contrast
+    # refusal stays within `select_tolerance` of the base model's (beyond it, each point over costs two)
+    select_every: int = 0
+    monitor_per_language: int = 4  # harmful and contrast prompts per language for the selection
+    select_tolerance: float = 0.05
 
 
 @dataclass
@@ -75,6 +85,8 @@ class EvaluateConfig:
     harmful_per_language: int = 15
     benign: list[str] = field(default_factory=lambda: ["parallel-benign"])
     benign_per_language: int = 8
+    # the contrast set's eval part (safe requests that sound dangerous): exaggerated-safety refusal
+    contrast_per_language: int = 0
     mgsm_per_language: int = 0
     xcopa_per_language: int = 0
     xcopa_languages: list[str] = field(default_factory=lambda: ["zh", "it", "vi", "sw", "th", "tr", "id"])
@@ -87,7 +99,8 @@ class EvaluateConfig:
 class PipelineConfig:
     name: str = "run"
     model: str = "default"
-    dtype: str = ""  # "" = the model's own (float32 for the GGUF models); bfloat16 on a GPU
+    # auto: bfloat16 where the hardware multiplies it natively (AMX / AVX-512 BF16 CPUs, recent GPUs), else float32
+    dtype: str = "auto"
     device_map: str = ""  # "" = CPU / one device; "auto" spreads a large model over the GPUs (accelerate)
     out_dir: str = "runs"
     seed: int = 0
@@ -182,6 +195,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys (name, model, identify, ...)")
     config = _build(PipelineConfig, apply_overrides(data, overrides), str(path))
+    from neuroshield.models.loading import DTYPES
+
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"{path}: dtype {config.dtype!r}: give {', '.join(DTYPES)}")
     if not 0 < config.held_out_fraction < 1:
         raise ConfigError(f"{path}: held_out_fraction must be between 0 and 1")
     if config.validate.suppress_mode not in ("zero", "mean:benign"):
@@ -198,13 +215,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
     if unknown:
         raise ConfigError(f"{path}: train.set_languages {unknown} are not in languages {config.languages} (identify "
                           "finds sets only for those)")
-    if config.train.harmful:
-        from neuroshield.data.loaders import DATASETS
+    from neuroshield.data.loaders import DATASETS
 
-        name = config.train.harmful.split(":", 1)[0]
-        if name not in DATASETS and not Path(config.train.harmful).expanduser().is_file():
-            raise ConfigError(f"{path}: train.harmful {config.train.harmful!r}: not a known data set "
-                              f"({', '.join(DATASETS)}) nor a file; empty uses identify's first harmful source")
+    for key in ("harmful", "benign"):
+        for source in getattr(config.train, key):
+            name = source.split(":", 1)[0]
+            if name not in DATASETS and not Path(source).expanduser().is_file():
+                raise ConfigError(f"{path}: train.{key} {source!r}: not a known data set ({', '.join(DATASETS)}) "
+                                  "nor a file" + ("; [] uses identify's first harmful source" if key == "harmful" else ""))
     if not 0 <= config.train.benign_fraction <= 1:
         raise ConfigError(f"{path}: train.benign_fraction must be between 0 and 1")
     bad = [m for m in config.modalities if m not in ("text", "image")]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield import __version__
-from neuroshield.io import ArtifactError, read_json
+from neuroshield.io import ArtifactError, atomic_write_text, read_json
 from neuroshield.io import fingerprint as _fingerprint
 from neuroshield.io import raise_output_errors
 from neuroshield.io import records_fingerprint as _records_fingerprint
@@ -96,18 +96,14 @@ class Pipeline:
     def prompts(self, source: str, label: str, languages: list[str], split: str, limit: int | None) -> list[PromptRecord]:
         """Prompts of `source` in `languages` (those it has), `split` by prompt id, `limit` per language."""
         from neuroshield.data.loaders import DATASETS, load_prompts
-        from neuroshield.data.templates import load_parallel_benign
         from neuroshield.neurons.splits import limit_per_group, select_split
 
         name = source.split(":", 1)[0]
-        if name == "parallel-benign":
-            records = load_parallel_benign(languages)
-        else:
-            have = set(DATASETS[name].languages) if name in DATASETS else None
-            langs = [lang for lang in languages if have is None or lang in have]
-            if not langs:
-                return []
-            records = load_prompts(source, languages=langs, label=label)
+        have = set(DATASETS[name].languages) if name in DATASETS else None
+        langs = [lang for lang in languages if have is None or lang in have]
+        if not langs:
+            return []
+        records = load_prompts(source, languages=langs, label=label)
         records = [r for r in records if r.label == label]
         records = select_split(records, split, self.config.held_out_fraction, self.config.seed)
         return limit_per_group(records, limit, self.config.seed)
@@ -212,7 +208,7 @@ class Pipeline:
         c, vc = self.config, self.config.validate
         set_dir = self.run_dir / "identify" / vc.method
         langs = [lang for lang in c.languages if not vc.languages or lang in vc.languages]
-        harmful = {lang: self.harmful([lang], "held-out", vc.per_language) for lang in langs}
+        harmful = self.validation_harmful()
         guard = [r for lang in c.languages[:2]
                  for r in self.prompts("parallel-benign", "benign", [lang], "held-out", vc.benign_guard)]
         inputs = {"config": vc.__dict__, "identify": identified["fingerprint"], "guard": _records_fingerprint(guard),
@@ -263,11 +259,14 @@ class Pipeline:
     def train_data(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """(harmful, benign) held-in training prompts as `train` configures them."""
         tc = self.config.train
-        harmful = [r for lang in tc.languages for r in self.harmful([lang], "held-in", tc.per_language, tc.harmful)]
+        sources = tc.harmful or self.config.identify.harmful[:1]
+        harmful = [r for source in sources for lang in tc.languages
+                   for r in self.harmful([lang], "held-in", tc.per_language, source)]
         if not harmful:
-            raise ValueError(f"train.harmful {tc.harmful or self.config.identify.harmful[0]!r} has no held-in prompts in "
-                             f"train.languages {tc.languages}: choose a source that has these languages")
-        benign = self.prompts(tc.benign, "benign", tc.benign_languages, "held-in", tc.benign_count)
+            raise ValueError(f"train.harmful {sources} has no held-in prompts in train.languages {tc.languages}: choose "
+                             "a source that has these languages")
+        benign = [r for source in tc.benign
+                  for r in self.prompts(source, "benign", tc.benign_languages, "held-in", tc.benign_count)]
         return harmful, benign
 
     def train_recipe(self, recipe: str, out_dir: Path, *, resume: bool = True, export: bool = True,
@@ -289,6 +288,8 @@ class Pipeline:
                                            set_languages=tc.set_languages or c.languages, modalities=c.modalities,
                                            high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed,
                                            trim=tc.trim)
+        if on_step is None and tc.select_every > 0:
+            on_step = self.step_selector(loaded, harmful, out_dir)
         result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
                        languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe in NEURON_RECIPES else None,
                        batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
@@ -298,6 +299,62 @@ class Pipeline:
                        warmup_steps=tc.warmup_steps, resume=resume, export=export, progress=progress,
                        on_step=on_step)
         return loaded, result
+
+    def monitor_prompts(self, trained: list[PromptRecord]) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        """(harmful, contrast) prompts that select the training step: held-in harmful prompts of every language
+        whose ids training does not use, and the contrast set's train part; never evaluation prompts."""
+        c, tc = self.config, self.config.train
+        used = {r.id for r in trained}
+        source = c.identify.harmful[0]
+        pool = [r for r in self.prompts(source, "harmful", c.languages, "held-in", None) if r.id not in used]
+        from neuroshield.neurons.splits import limit_per_group
+
+        harmful = limit_per_group(pool, tc.monitor_per_language, c.seed)
+        contrast = self.prompts("contrast", "benign", c.languages, "held-in", tc.monitor_per_language)
+        return harmful, contrast
+
+    def step_selector(self, loaded: Any, trained: list[PromptRecord], out_dir: Path
+                      ) -> Callable[[int, dict[str, Any]], float | None]:
+        """An `on_step` for `train`: every `select_every` steps, short greedy answers to `monitor_prompts`,
+        judged; returns the selection score (harmful refusal, less twice the contrast refusal beyond the base
+        model's plus `select_tolerance`) and records both rates in the step's loss record."""
+        from neuroshield.generate.generation import generate_responses
+        from neuroshield.judges.registry import get_judge, judge_responses
+
+        tc = self.config.train
+        harmful, contrast = self.monitor_prompts(trained)
+        prompts = harmful + contrast
+        judge = get_judge("refusal-phrase")
+
+        def rates() -> tuple[float, float]:
+            texts = generate_responses(loaded, prompts, max_new_tokens=16, batch_size=24, progress=False)
+            res = judge_responses(judge, texts, [r.language for r in prompts], prompts=[r.text for r in prompts])
+            refused = [getattr(x, "verdict", "refusal" if x.refused else "") == "refusal" for x in res]
+            n = len(harmful)
+            return sum(refused[:n]) / max(1, n), sum(refused[n:]) / max(1, len(contrast))
+
+        base_file = out_dir / "monitor_base.json"
+        key = _fingerprint({"model": loaded.config_hash, "prompts": _records_fingerprint(prompts)})
+        base = json.loads(base_file.read_text()) if base_file.is_file() else {}
+        if base.get("key") != key:  # the untrained model's rates, measured once (before the first step)
+            h0, c0 = rates()
+            base = {"key": key, "harmful_refusal": h0, "contrast_refusal": c0, "harmful": len(harmful),
+                    "contrast": len(contrast)}
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(base_file, base)
+        log.info("step selection: %d harmful + %d contrast monitor prompts; base refusal %.3f / %.3f",
+                 len(harmful), len(contrast), base["harmful_refusal"], base["contrast_refusal"])
+
+        def on_step(step: int, record: dict[str, Any]) -> float | None:
+            if step % tc.select_every:
+                return None
+            h, cr = rates()
+            record["monitor_harmful_refusal"], record["monitor_contrast_refusal"] = h, cr
+            excess = max(0.0, cr - base["contrast_refusal"] - tc.select_tolerance)
+            log.info("step %d: monitor harmful refusal %.3f, contrast refusal %.3f", step, h, cr)
+            return h - 2.0 * excess
+
+        return on_step
 
     def train(self, identified: dict[str, Any]) -> dict[str, Any]:
         from neuroshield.train.recipes import NEURON_RECIPES, RECIPES
@@ -344,18 +401,46 @@ class Pipeline:
 
         return self._stage("train", inputs, body)
 
+    def validation_harmful(self) -> dict[str, list[PromptRecord]]:
+        """The held-out harmful prompts the validate stage intervenes on, per language."""
+        c, vc = self.config, self.config.validate
+        langs = [lang for lang in c.languages if not vc.languages or lang in vc.languages]
+        return {lang: self.harmful([lang], "held-out", vc.per_language) for lang in langs}
+
+    def evaluation_harmful(self) -> list[PromptRecord]:
+        """Held-out harmful prompts for evaluation, `harmful_per_language` per language, whose ids no other stage
+        uses in any language (identify and training take held-in ids; validation's held-out ids are left out)."""
+        c, ec = self.config, self.config.evaluate
+        from neuroshield.neurons.splits import limit_per_group
+
+        vc = c.validate
+        langs = [lang for lang in c.languages if not vc.languages or lang in vc.languages]
+        used = ({r.id for r in self.prompts(c.identify.harmful[0], "harmful", langs, "held-out", vc.per_language)}
+                if vc.enabled else set())
+        pool = [r for r in self.prompts(c.identify.harmful[0], "harmful", c.languages, "held-out", None)
+                if r.id not in used]
+        text = limit_per_group(pool, ec.harmful_per_language, c.seed)
+        if "image" not in c.modalities:
+            return text
+        from neuroshield.data.typography import render_prompt_records
+
+        return text + render_prompt_records(text, self.run_dir / "images")
+
     def evaluate(self, trained: dict[str, Any] | None) -> dict[str, Any]:
         from neuroshield.evaluate.evaluate import EvalSuite, evaluate
         from neuroshield.models import load_model
 
         c, ec = self.config, self.config.evaluate
-        harmful = self.harmful(c.languages, "held-out", ec.harmful_per_language)
+        harmful = self.evaluation_harmful()
         benign = [r for s in ec.benign for r in self.prompts(s, "benign", c.languages, "held-out", ec.benign_per_language)]
+        contrast = (self.prompts("contrast", "benign", c.languages, "held-out", ec.contrast_per_language)
+                    if ec.contrast_per_language else [])
         mgsm = self.prompts("mgsm", "benign", c.languages, "held-out", ec.mgsm_per_language) if ec.mgsm_per_language else []
         xcopa = (self.prompts("xcopa", "benign", ec.xcopa_languages, "all", ec.xcopa_per_language)
                  if ec.xcopa_per_language else [])
-        suite = EvalSuite(harmful=harmful, benign=benign, mgsm=mgsm, xcopa=xcopa,
+        suite = EvalSuite(harmful=harmful, benign=benign, contrast=contrast, mgsm=mgsm, xcopa=xcopa,
                           sources={"harmful": c.identify.harmful[:1], "benign": ec.benign,
+                                   "contrast": ["contrast:eval"] if contrast else [],
                                    "capability": (["mgsm"] if mgsm else []) + (["xcopa"] if xcopa else [])})
         recipes = (trained or {}).get("outputs", {}).get("recipes", {})
         inputs = {"config": ec.__dict__, "model": self.model_identity(), "suite": suite.describe(),
@@ -388,6 +473,22 @@ class Pipeline:
         return build_report(self.run_dir, title=f"neuroshield report: {self.config.name} ({self.config.model})")
 
     # --- all --------------------------------------------------------------------------------------
+    def write_headline(self) -> Path | None:
+        """`<run>/evaluate/headline.json` and `.md`: per model, high-resource against the other languages, with paired
+        differences against base and random (`evaluate.headline`); None when nothing was evaluated."""
+        from neuroshield.evaluate.headline import format_headline, headline
+
+        folder = self.run_dir / "evaluate"
+        if not folder.is_dir():
+            return None
+        h = headline(folder, high_resource=self.config.high_resource, seed=self.config.seed)
+        if not h["models"]:
+            return None
+        _write_json(folder / "headline.json", h)
+        md = folder / "headline.md"
+        atomic_write_text(md, format_headline(h) + "\n")
+        return md
+
     def run(self, stages: tuple[str, ...] = STAGES) -> Path:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
@@ -409,6 +510,7 @@ class Pipeline:
         trained = self.train(identified) if self.config.train.enabled and "train" in stages else None
         if self.config.evaluate.enabled and "evaluate" in stages:
             self.evaluate(trained)
+            self.write_headline()
         _write_json(self.run_dir / "pipeline.json", {"wall_seconds": round(time.perf_counter() - start, 1),
                                                      "stage_seconds": self.timings, "version": __version__})
         return self.report()

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, help="Tokens generated per safety prompt."),
         mgsm_max_new_tokens: int = typer.Option(256, help="Tokens generated per MGSM problem."),
         backend: str = typer.Option("hf", help="hf | vllm (vllm: checkpoints only)."),
-        dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        dtype: str | None = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
         images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         n_resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95 % intervals."),
         seed: int = typer.Option(0, help="Bootstrap seed."),

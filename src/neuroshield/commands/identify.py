@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, help="Prompts per forward pass."),
         max_length: int = typer.Option(512, help="Tokens per prompt (longer user texts lose their start)."),
         qk_impact: str = typer.Option("exact", help="q/k plnd statistics: exact | pair (cheaper bound)."),
-        dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        dtype: str | None = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
         images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         out: Path = typer.Option(..., "--out", "-o", help="Run folder (stats/, <method>/, summary.json)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

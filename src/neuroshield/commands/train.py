@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
                                   "neuron) | output (the down column only: the neuron fires as before)."),
         lora_r: int = typer.Option(16, help="LoRA rank."),
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),
-        dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        dtype: str = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
         images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         mixed_precision: str = typer.Option("no", help="accelerate mixed precision: no | bf16 | fp16"),
         gradient_checkpointing: bool = typer.Option(False, help="Recompute activations (less memory)."),
@@ -142,7 +142,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="The base model the patch was made for."),
         patch_path: Path = typer.Option(..., "--patch", help="safety_patch.safetensors"),
         out: Path = typer.Option(..., "--out", help="Folder for the patched model."),
-        dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        dtype: str = typer.Option("stored", help="stored (the checkpoint's own dtype, default) | auto | float32 | "
+                                                 "bfloat16 | float16"),
     ) -> None:
         """Write the patch into the base model and save the patched model."""
         _apply_or_revert("apply", model, patch_path, out, dtype)
@@ -152,7 +153,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="A patched model."),
         patch_path: Path = typer.Option(..., "--patch", help="The patch it holds."),
         out: Path = typer.Option(..., "--out", help="Folder for the restored base model."),
-        dtype: str = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        dtype: str = typer.Option("stored", help="stored (the checkpoint's own dtype, default) | auto | float32 | "
+                                                 "bfloat16 | float16"),
     ) -> None:
         """Restore the base weights bit-exactly and save the model."""
         _apply_or_revert("revert", model, patch_path, out, dtype)

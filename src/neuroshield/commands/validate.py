@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         judge: str = typer.Option("refusal-phrase", help="refusal-phrase | path to a classifier / guard folder."),
         max_new_tokens: int = typer.Option(48, help="Tokens generated per prompt."),
         batch_size: int = typer.Option(8, help="Prompts per batch."),
-        dtype: str | None = typer.Option(None, help="float32 (default) | bfloat16 | float16"),
+        dtype: str | None = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
         images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (validation.json/.csv/.png, generations)."),
         cache_dir: Path | None = typer.Option(None, help="Generation cache shared between runs (default: OUT/cache)."),

@@ -49,11 +49,14 @@ def dtype_name(model: Any) -> str:
 
 def config_hash(config: Any) -> str:
     """Hash of the architecture-defining config, stable across saves and dtypes."""
-    d = config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
-                     "_commit_hash", "_attn_implementation_autoset", "use_cache"):
-        d.pop(volatile, None)
-    return fingerprint(d)
+    volatile = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "_commit_hash",
+                "_attn_implementation_autoset", "use_cache")
+
+    def clean(d: Any) -> Any:
+        # nested sub-configs (a VLM's text_config / vision_config) carry their own dtype keys
+        return {k: clean(v) for k, v in d.items() if k not in volatile} if isinstance(d, dict) else d
+
+    return fingerprint(clean(config.to_dict()))
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "config_hash", "dtype_name"]

@@ -41,7 +41,7 @@ def sha256_file(path: Path) -> str:
     return file_digest(path)  # sha256
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "stored", "float32", "bfloat16", "float16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -72,12 +72,15 @@ def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
-    """A dtype name (`auto`, `float32`, `bfloat16`, `float16`; None means auto) as a torch dtype."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype | str:
+    """A dtype name (`auto`, `float32`, `bfloat16`, `float16`; None means auto) as a torch dtype; `stored` (the
+    checkpoint's own dtype, for exports that must stay bit-exact) stays the string transformers reads ("auto")."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
         return auto_dtype(device)
+    if dtype == "stored":
+        return "auto"
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
@@ -98,7 +101,7 @@ def load_model(
     Hub ids load offline from the local Hugging Face cache unless `local_files_only=False` (or
     `HF_HUB_OFFLINE=0` is set). `device_map` is passed to accelerate (e.g. "auto" for several GPUs).
     `dtype`: `auto` (None) picks bfloat16 where the hardware multiplies it natively, float32 elsewhere
-    (`auto_dtype`); or float32, bfloat16, float16.
+    (`auto_dtype`); `stored` keeps the checkpoint's own dtype (GGUF caches: float32); or float32, bfloat16, float16.
     """
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, "cuda" if device_map and torch.cuda.is_available() else None)
