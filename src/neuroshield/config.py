@@ -1,125 +1,26 @@
-"""Pipeline configuration: one dataclass per stage, read from YAML with errors that name the key."""
+"""Pipeline configuration: the stages' dataclasses (`neuroshield.settings`), read from YAML with errors that name
+the key."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from neuroshield.settings import (  # noqa: F401  (re-exported: the settings live there)
+    EvaluateConfig,
+    IdentifyConfig,
+    PipelineConfig,
+    TrainConfig,
+    ValidateConfig,
+)
+
 
 class ConfigError(ValueError):
     pass
-
-
-@dataclass
-class IdentifyConfig:
-    harmful: list[str] = field(default_factory=lambda: ["xsafety"])
-    benign: list[str] = field(default_factory=lambda: ["mgsm", "parallel-benign"])
-    per_language: int = 24  # held-in prompts per language and label
-    methods: list[str] = field(default_factory=lambda: ["plnd", "precise-shield"])
-    rho: float = 0.03
-    sites: list[str] = field(default_factory=lambda: ["ffn"])
-    positions: str = "prompt"
-    batch_size: int = 8
-
-
-@dataclass
-class ValidateConfig:
-    enabled: bool = True
-    method: str = "plnd"  # which method's sets to validate
-    languages: list[str] = field(default_factory=list)  # [] = every language of the run
-    per_language: int = 10  # held-out harmful prompts per language
-    controls: int = 2
-    max_new_tokens: int = 32
-    # zero | mean:benign (each unit set to its mean on the language's benign prompts, from the statistics)
-    suppress_mode: str = "zero"
-    reinforce_scale: float = 2.0
-    benign_guard: int = 8  # benign prompts for the KL guard
-    batch_size: int = 16
-
-
-@dataclass
-class TrainConfig:
-    enabled: bool = True
-    recipes: list[str] = field(default_factory=lambda: ["precise-shield", "random"])
-    method: str = "plnd"
-    # precise-shield trains the union of these languages' MS sets (empty: every configured language)
-    set_languages: list[str] = field(default_factory=list)
-    languages: list[str] = field(default_factory=lambda: ["en"])  # supervision languages
-    per_language: int = 24  # held-in harmful prompts per supervision language
-    # harmful training sources ([] = identify's first; e.g. advbench, or contrast: the English harmful requests
-    # paired with the contrast set's safe ones), held-in prompts only, per_language from each
-    harmful: list[str] = field(default_factory=list)
-    # retain sources (parallel-benign, contrast: safe requests that sound dangerous, alpaca-seed, ...)
-    benign: list[str] = field(default_factory=lambda: ["alpaca-seed"])
-    benign_languages: list[str] = field(default_factory=lambda: ["en"])  # those the benign source has
-    benign_count: int = 24  # held-in benign prompts per benign source and language
-    benign_fraction: float = 0.5  # share of benign examples in each batch
-    benign_answers: str = "self"  # self: the base model's own answers (generated once, cached) | reference
-    benign_max_new_tokens: int = 64
-    steps: int = 30
-    lr: float = 3e-4  # neuron recipes; lora and full use their recipe defaults (2e-4, 1e-5)
-    warmup_steps: int = 0  # linear warm-up of the learning rate
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 256
-    budget: float = 0.0003  # fraction of all parameters (Precise Shield: 0.03 %)
-    trim: str = "layer"  # how the budget trims the set: layer (each layer keeps its share) | score (best overall)
-    neuron_parts: str = "all"  # all | output (FFN: only the down_proj columns; see train.sparse)
-    # checkpoint selection: every `select_every` steps (0: off, the last step is the result) refusal is measured
-    # on held-in harmful prompts not trained on (every language) and on the contrast set's train part (safe
-    # requests that sound dangerous); the result is the step with the most harmful refusal whose contrast
-    # refusal stays within `select_tolerance` of the base model's (beyond it, each point over costs two)
-    select_every: int = 0
-    monitor_per_language: int = 4  # harmful and contrast prompts per language for the selection
-    select_tolerance: float = 0.05
-
-
-@dataclass
-class EvaluateConfig:
-    enabled: bool = True
-    harmful_per_language: int = 15
-    benign: list[str] = field(default_factory=lambda: ["parallel-benign"])
-    benign_per_language: int = 8
-    # the contrast set's eval part (safe requests that sound dangerous): exaggerated-safety refusal
-    contrast_per_language: int = 0
-    mgsm_per_language: int = 0
-    xcopa_per_language: int = 0
-    xcopa_languages: list[str] = field(default_factory=lambda: ["zh", "it", "vi", "sw", "th", "tr", "id"])
-    judge: str = "refusal-phrase"
-    max_new_tokens: int = 48
-    batch_size: int = 16
-
-
-@dataclass
-class PipelineConfig:
-    name: str = "run"
-    model: str = "default"
-    # auto: bfloat16 where the hardware multiplies it natively (AMX / AVX-512 BF16 CPUs, recent GPUs), else float32
-    dtype: str = "auto"
-    device_map: str = ""  # "" = CPU / one device; "auto" spreads a large model over the GPUs (accelerate)
-    out_dir: str = "runs"
-    seed: int = 0
-    languages: list[str] = field(default_factory=lambda: ["en", "zh", "ar", "ru", "es", "fr", "de", "ja", "bn", "hi"])
-    high_resource: list[str] = field(default_factory=lambda: ["en"])
-    # "image" adds FigStep-style typographic versions of the harmful prompts (needs a vision-language model)
-    modalities: list[str] = field(default_factory=lambda: ["text"])
-    held_out_fraction: float = 0.5
-    identify: IdentifyConfig = field(default_factory=IdentifyConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
