@@ -27,6 +27,7 @@ from neuroshield.io import write_json as _write_json
 from neuroshield.config import PipelineConfig, check_values
 from neuroshield.models.loading import dtype_name
 from neuroshield.data.records import PromptRecord
+from neuroshield.settings import BENIGN_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ class Pipeline:
         result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
                        languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe in NEURON_RECIPES else None,
                        batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
-                       seed=c.seed, out_dir=out_dir, benign_cache=out_dir.parent / "benign_answers.jsonl",
+                       seed=c.seed, out_dir=out_dir, benign_cache=out_dir.parent / BENIGN_CACHE,
                        benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
                        benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts,
                        warmup_steps=tc.warmup_steps, resume=resume, export=export, progress=progress,

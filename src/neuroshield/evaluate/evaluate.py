@@ -64,6 +64,7 @@ from neuroshield.evaluate.metrics import ROLES as SAFETY_ROLES
 from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses, result_verdict
 from neuroshield.io import atomic_path, atomic_write_text
 from neuroshield.models.loading import dtype_name
+from neuroshield.settings import EvaluateConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -514,16 +515,16 @@ def evaluate(
     suite: EvalSuite,
     *,
     patch: str | Path | None = None,
-    judge: Any = "refusal-phrase",
+    judge: Any = EvaluateConfig().judge,
     out_dir: str | Path,
-    batch_size: int = 8,
-    max_new_tokens: int = 48,
+    batch_size: int = EvaluateConfig().batch_size,
+    max_new_tokens: int = EvaluateConfig().max_new_tokens,
     mgsm_max_new_tokens: int = 256,
     backend: str = "hf",
     system: str | None = None,
     tag: str | None = None,
     n_resamples: int = N_RESAMPLES,
-    seed: int = 0,
+    seed: int = PipelineConfig().seed,
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> EvalResult:

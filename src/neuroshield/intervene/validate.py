@@ -58,6 +58,7 @@ from neuroshield.judges.registry import get_judge, judge_info, judge_responses, 
 from neuroshield.io import atomic_path, atomic_write_text, fingerprint
 from neuroshield.models.loading import LoadedModel
 from neuroshield.neurons.neuronset import NeuronSet, random_like
+from neuroshield.settings import PipelineConfig, ValidateConfig
 
 log = logging.getLogger(__name__)
 
@@ -410,10 +411,10 @@ def validate(
     prompts: Sequence[PromptRecord],
     *,
     mode: str | InterventionMode = "zero",
-    controls: int = 3,
-    seed: int = 0,
-    max_new_tokens: int = 48,
-    batch_size: int = 8,
+    controls: int = ValidateConfig().controls,
+    seed: int = PipelineConfig().seed,
+    max_new_tokens: int = ValidateConfig().max_new_tokens,
+    batch_size: int = ValidateConfig().batch_size,
     judge: Any = None,
     benign_guard: Sequence[PromptRecord] | None = None,
     benign_generate: bool = False,

@@ -39,6 +39,7 @@ from neuroshield.neurons.stats import (
     collect_statistics,
     group_hashes,
 )
+from neuroshield.settings import IdentifyConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,15 @@ def identify(
     benign: Sequence[PromptRecord],
     *,
     languages: Sequence[str],
-    method: str | Sequence[str] = "plnd",
-    rho: float | None = 0.03,
-    sites: Sequence[str] = ("ffn",),
-    positions: str = "prompt",
-    high_resource: Sequence[str] = ("en",),
+    method: str | Sequence[str] = tuple(IdentifyConfig().methods),
+    rho: float | None = IdentifyConfig().rho,
+    sites: Sequence[str] = tuple(IdentifyConfig().sites),
+    positions: str = IdentifyConfig().positions,
+    high_resource: Sequence[str] = tuple(PipelineConfig().high_resource),
     out_dir: str | Path,
-    batch_size: int = 8,
+    batch_size: int = IdentifyConfig().batch_size,
     top_k: int | None = None,
-    seed: int = 0,
+    seed: int = PipelineConfig().seed,
     max_length: int = 512,
     qk_impact: str = "exact",
     progress: bool = True,

@@ -71,17 +71,20 @@ from neuroshield.train.data import (
     training_batch,
     write_examples,
 )
+from neuroshield.settings import BENIGN_CACHE, PipelineConfig, TrainConfig
 from neuroshield.train.sparse import SparseDeltas, freeze, slices_from_neuron_set
 
 log = logging.getLogger(__name__)
 
 NEURON_RECIPES: tuple[str, ...] = ("precise-shield", "ss-expansion", "random")
 RECIPES: tuple[str, ...] = NEURON_RECIPES + ("lora", "full")
-DEFAULT_BUDGET = 0.0003  # 0.03 % of all parameters (Precise Shield)
-DEFAULT_HIGH_RESOURCE = "en"
+_TC = TrainConfig()  # every default below that the pipeline also sets comes from its settings
+DEFAULT_BUDGET = _TC.budget  # 0.03 % of all parameters (Precise Shield)
+DEFAULT_HIGH_RESOURCE = PipelineConfig().high_resource[0]
 # Learning rates that worked on Qwen2.5-0.5B in our runs (docs/training.md); override with lr=.
-# neuron recipes: 3e-4 with the layer trim (configs/compare.yaml; 1e-3 and more rewrite a neuron within ~10 steps)
-DEFAULT_LR: dict[str, float] = {"precise-shield": 3e-4, "ss-expansion": 3e-4, "random": 3e-4, "lora": 2e-4,
+# neuron recipes: train.lr (3e-4 with the layer trim, configs/compare.yaml; 1e-3 and more rewrite a neuron within
+# ~10 steps)
+DEFAULT_LR: dict[str, float] = {"precise-shield": _TC.lr, "ss-expansion": _TC.lr, "random": _TC.lr, "lora": 2e-4,
                                 "full": 1e-5}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -135,7 +138,7 @@ def recipe_neuron_set(
     recipe: str, loaded: Any, source: NeuronSet | str | Path | Sequence[str | Path], *,
     set_languages: Sequence[str] | None = None, modalities: Sequence[str] = ("text",),
     high_resource: str = DEFAULT_HIGH_RESOURCE, budget: float | None = DEFAULT_BUDGET, like: str = "precise-shield",
-    seed: int = 0, trim: str = "layer",
+    seed: int = 0, trim: str = _TC.trim,
 ) -> NeuronSet:
     """The neuron set a recipe trains, from a set, a set file, several files, or a folder of MS sets.
 
@@ -185,8 +188,9 @@ def recipe_neuron_set(
 
 def prepare_examples(
     loaded: Any, harmful: Sequence[PromptRecord | TrainExample], benign: Sequence[PromptRecord | TrainExample], *,
-    languages: Sequence[str] | None = None, benign_answers: str = "self", benign_cache: str | Path | None = None,
-    benign_max_new_tokens: int = 128, generation_batch_size: int = 8, use_references: bool = False,
+    languages: Sequence[str] | None = None, benign_answers: str = _TC.benign_answers,
+    benign_cache: str | Path | None = None, benign_max_new_tokens: int = _TC.benign_max_new_tokens,
+    generation_batch_size: int = 8, use_references: bool = False,
     max_prompt_tokens: int | None = None,
 ) -> tuple[list[TrainExample], list[TrainExample]]:
     """(harmful examples, benign examples). Harmful records are kept in `languages` (None: all) and get
@@ -529,28 +533,28 @@ def train(
     harmful: Sequence[PromptRecord | TrainExample],
     benign: Sequence[PromptRecord | TrainExample] = (),
     languages: Sequence[str] | None = None,
-    steps: int = 60,
+    steps: int = _TC.steps,
     lr: float | None = None,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    max_length: int = 256,
-    seed: int = 0,
+    batch_size: int = _TC.batch_size,
+    grad_accum: int = _TC.grad_accum,
+    max_length: int = _TC.max_length,
+    seed: int = PipelineConfig().seed,
     out_dir: str | Path,
     checkpoint_every: int = 20,
     resume: bool = True,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
-    warmup_steps: int = 0,
-    benign_fraction: float = 0.5,
-    benign_answers: str = "self",
+    warmup_steps: int = _TC.warmup_steps,
+    benign_fraction: float = _TC.benign_fraction,
+    benign_answers: str = _TC.benign_answers,
     benign_cache: str | Path | None = None,
-    benign_max_new_tokens: int = 128,
+    benign_max_new_tokens: int = _TC.benign_max_new_tokens,
     use_references: bool = False,
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_targets: Sequence[str] | None = None,
     delta_dtype: torch.dtype = torch.float32,
-    neuron_parts: str = "all",
+    neuron_parts: str = _TC.neuron_parts,
     gradient_checkpointing: bool = False,
     export: bool = True,
     verify_export: bool = True,
@@ -566,7 +570,9 @@ def train(
     PromptRecords (turned into examples by `prepare_examples`) or ready TrainExamples. Harmful records
     are kept in `languages` (None: all given). `steps` optimizer steps of `batch_size x grad_accum`
     examples per process, `benign_fraction` of them benign. Afterwards `loaded.model` holds the trained
-    weights, merged, without hooks (for LoRA: `loaded.model` is replaced by the merged base model).
+    weights, merged, without hooks (for LoRA: `loaded.model` is replaced by the merged base model). The defaults
+    are the pipeline's (`neuroshield.settings.TrainConfig`); the base model's benign answers are cached in
+    `benign_cache` (default: `out_dir/benign_answers.jsonl`; the pipeline and the CLI share one beside the recipes).
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
@@ -593,7 +599,7 @@ def train(
     torch.manual_seed(seed)
 
     # --- data (the base model's benign answers come first, before the model changes) ---------------
-    cache = benign_cache if benign_cache is not None else out / "benign-answers.jsonl"
+    cache = benign_cache if benign_cache is not None else out / BENIGN_CACHE
     if acc.is_main_process:
         h_ex, b_ex = prepare_examples(loaded, harmful, benign, languages=languages, benign_answers=benign_answers,
                                       benign_cache=cache, benign_max_new_tokens=benign_max_new_tokens,
