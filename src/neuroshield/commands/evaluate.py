@@ -8,36 +8,47 @@ from pathlib import Path
 import typer
 
 from neuroshield.commands.common import IMAGES_HELP, split_list, user_errors, with_images
+from neuroshield.settings import EvaluateConfig, PipelineConfig, joined
+
+# the option defaults are the pipeline's settings (tests/test_settings.py fails when one differs); a count of 0
+# there turns a part off: the contrast set and the capability tasks are then not in the defaults
+EC, RUN = EvaluateConfig(), PipelineConfig()
+CAPABILITY = joined([task for task in ("mgsm", "xcopa") if getattr(EC, f"{task}_per_language")]) or ""
 
 
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_cmd(
-        model: str = typer.Option("default", "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
+        model: str = typer.Option(RUN.model, "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
         patch: Path | None = typer.Option(None, help="Safety patch (.safetensors) to apply for the evaluation."),
         harmful: str = typer.Option("xsafety", help="Harmful sets, comma-separated (names or files); '' for none."),
-        benign: str = typer.Option("parallel-benign,mgsm", help="Benign sets for over-refusal; '' for none."),
-        contrast: str = typer.Option("", help="Contrast sets (safe requests that sound dangerous) for the "
+        benign: str = typer.Option(joined(EC.benign) or "", help="Benign sets for over-refusal; '' for none."),
+        contrast: str = typer.Option("contrast:eval" if EC.contrast_per_language else "", help="Contrast sets (safe requests that sound dangerous) for the "
                                               "exaggerated-safety refusal, e.g. contrast:eval; '' for none."),
-        capability: str = typer.Option("mgsm,xcopa", help="Capability tasks: mgsm, xcopa; '' for none."),
+        capability: str = typer.Option(CAPABILITY, help="Capability tasks: mgsm, xcopa; '' for none."),
         languages: str | None = typer.Option(None, help="Languages (ISO 639-1, comma-separated); default: all of each set."),
         mgsm_languages: str | None = typer.Option(None, help="MGSM languages (default: --languages)."),
-        xcopa_languages: str | None = typer.Option(None, help="XCOPA languages (default: --languages)."),
-        limit: int | None = typer.Option(None, help="Prompts per language and set."),
-        benign_limit: int | None = typer.Option(None, help="Benign prompts per language (default: --limit)."),
-        mgsm_limit: int | None = typer.Option(None, help="MGSM problems per language (default: --limit)."),
-        xcopa_limit: int | None = typer.Option(None, help="XCOPA items per language (default: --limit)."),
-        judge: str = typer.Option("refusal-phrase", help="refusal-phrase | logprob | path to a classifier/guard folder."),
+        xcopa_languages: str | None = typer.Option(joined(EC.xcopa_languages), help="XCOPA languages ('' for "
+                                                   "--languages)."),
+        limit: int = typer.Option(EC.harmful_per_language, help="Prompts per language and set "
+                                  "(evaluate.harmful_per_language)."),
+        benign_limit: int = typer.Option(EC.benign_per_language, help="Benign and contrast prompts per language "
+                                         "(evaluate.benign_per_language)."),
+        mgsm_limit: int | None = typer.Option(EC.mgsm_per_language or None, help="MGSM problems per language "
+                                              "(default: --limit)."),
+        xcopa_limit: int | None = typer.Option(EC.xcopa_per_language or None, help="XCOPA items per language "
+                                               "(default: --limit)."),
+        judge: str = typer.Option(EC.judge, help="refusal-phrase | logprob | path to a classifier/guard folder."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (eval.json, eval.csv, generations cache)."),
         tag: str | None = typer.Option(None, help="Name of this evaluation in reports (default: base / patch name)."),
-        batch_size: int = typer.Option(8, help="Prompts per batch."),
-        max_new_tokens: int = typer.Option(48, help="Tokens generated per safety prompt."),
+        batch_size: int = typer.Option(EC.batch_size, help="Prompts per batch."),
+        max_new_tokens: int = typer.Option(EC.max_new_tokens, help="Tokens generated per safety prompt."),
         mgsm_max_new_tokens: int = typer.Option(256, help="Tokens generated per MGSM problem."),
         backend: str = typer.Option("hf", help="hf | vllm (vllm: checkpoints only)."),
         dtype: str | None = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
         images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         n_resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95 % intervals."),
-        seed: int = typer.Option(0, help="Bootstrap seed."),
+        seed: int = typer.Option(RUN.seed, help="Bootstrap seed."),
     ) -> None:
         """Evaluate a model (optionally patched): safety per language x modality, MGSM, XCOPA."""
         import time

@@ -9,8 +9,12 @@ from pathlib import Path
 import typer
 
 from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, user_errors, with_images
+from neuroshield.settings import IdentifyConfig, PipelineConfig, joined
 
 log = logging.getLogger(__name__)
+
+# the option defaults are the pipeline's settings (tests/test_settings.py fails when one differs)
+IC, RUN = IdentifyConfig(), PipelineConfig()
 
 PARALLEL_BENIGN = "parallel-benign"
 
@@ -65,25 +69,26 @@ def load_sources(sources: Sequence[str], languages: Sequence[str], label: str, a
 def register(app: typer.Typer) -> None:
     @app.command("identify")
     def identify_cmd(
-        model: str = typer.Option("default", "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
-        harmful: str = typer.Option("xsafety", help="Harmful prompts: registered names / name:option / files, "
+        model: str = typer.Option(RUN.model, "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
+        harmful: str = typer.Option(joined(IC.harmful), help="Harmful prompts: registered names / name:option / files, "
                                                     "comma-separated (e.g. xsafety, xsafety:Insult,Mental_Health)."),
-        benign: str = typer.Option("mgsm,parallel-benign",
+        benign: str = typer.Option(joined(IC.benign),
                                    help="Benign prompts, comma-separated; each set gives the languages it has."),
         languages: str = typer.Option("en,zh", help="Languages, comma-separated (ISO 639-1)."),
-        method: str = typer.Option("plnd", help="plnd | precise-shield | mean-diff | t-stat, comma-separated."),
-        rho: float = typer.Option(0.03, help="Share of each site's units taken per group (top-ρ)."),
+        method: str = typer.Option(joined(IC.methods), help="plnd | precise-shield | mean-diff | t-stat, comma-separated."),
+        rho: float = typer.Option(IC.rho, help="Share of each site's units taken per group (top-ρ)."),
         top_k: int | None = typer.Option(None, "--top-k", help="Units per site instead of --rho."),
-        sites: str = typer.Option("ffn", help="Site kinds: ffn, attn_q, attn_k, attn_v, attn_o, comma-separated."),
-        positions: str = typer.Option("prompt", help="Counted tokens: prompt | user | last | post."),
-        high_resource: str = typer.Option("en", help="High-resource language(s) for SS = MS(HR) ∩ MS(lang)."),
-        limit: int | None = typer.Option(None, help="Prompts per language and label (after the split)."),
+        sites: str = typer.Option(joined(IC.sites), help="Site kinds: ffn, attn_q, attn_k, attn_v, attn_o, comma-separated."),
+        positions: str = typer.Option(IC.positions, help="Counted tokens: prompt | user | last | post."),
+        high_resource: str = typer.Option(joined(RUN.high_resource), help="High-resource language(s) for SS = MS(HR) ∩ MS(lang)."),
+        limit: int = typer.Option(IC.per_language, help="Prompts per language and label of each source (after "
+                                  "the split; identify.per_language)."),
         split: str = typer.Option("held-in", help="held-in (default) | held-out | all: the prompt-id split; "
                                                   "validation and evaluation use the held-out half."),
-        held_out_fraction: float = typer.Option(0.5, help="Share of ids held out."),
-        split_seed: int = typer.Option(0, help="Seed of the id split."),
-        seed: int = typer.Option(0, help="Seed of tie-breaking in the selection."),
-        batch_size: int = typer.Option(8, help="Prompts per forward pass."),
+        held_out_fraction: float = typer.Option(RUN.held_out_fraction, help="Share of ids held out."),
+        split_seed: int = typer.Option(RUN.seed, help="Seed of the id split."),
+        seed: int = typer.Option(RUN.seed, help="Seed of tie-breaking in the selection."),
+        batch_size: int = typer.Option(IC.batch_size, help="Prompts per forward pass."),
         max_length: int = typer.Option(512, help="Tokens per prompt (longer user texts lose their start)."),
         qk_impact: str = typer.Option("exact", help="q/k plnd statistics: exact | pair (cheaper bound)."),
         dtype: str | None = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
@@ -98,19 +103,26 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             langs = split_list(languages) or []
-            harm = load_sources(split_sources(harmful), langs, "harmful", "--harmful")
-            ben = load_sources(split_sources(benign), langs, "benign", "--benign")
-            n_all = len(harm) + len(ben)
-            harm = limit_per_group(select_split(harm, split, held_out_fraction, split_seed), limit)
-            ben = limit_per_group(select_split(ben, split, held_out_fraction, split_seed), limit)
-            harm = with_images(harm, images)
-            typer.echo(f"prompts: {len(harm)} harmful + {len(ben)} benign of {n_all} ({split} split"
-                       f"{', --limit ' + str(limit) if limit is not None else ''})", err=True)
+            n_all = 0
+
+            def pick(sources: str, label: str, argument: str) -> list:
+                nonlocal n_all
+                picked = []
+                for source in split_sources(sources):  # --limit per source, as the pipeline's per_language
+                    records = load_sources([source], langs, label, argument)
+                    n_all += len(records)
+                    picked += limit_per_group(select_split(records, split, held_out_fraction, split_seed), limit)
+                return picked
+
+            harm = with_images(pick(harmful, "harmful", "--harmful"), images)
+            ben = pick(benign, "benign", "--benign")
+            typer.echo(f"prompts: {len(harm)} harmful + {len(ben)} benign of {n_all} ({split} split, --limit {limit} "
+                       "per source)", err=True)
             loaded = load_model(model, dtype=dtype)
             res = identify(
-                loaded, harm, ben, languages=langs, method=split_list(method) or ["plnd"], rho=rho,
-                sites=tuple(split_list(sites) or ["ffn"]), positions=positions,
-                high_resource=tuple(split_list(high_resource) or ["en"]), out_dir=out, batch_size=batch_size,
+                loaded, harm, ben, languages=langs, method=split_list(method) or IC.methods, rho=rho,
+                sites=tuple(split_list(sites) or IC.sites), positions=positions,
+                high_resource=tuple(split_list(high_resource) or RUN.high_resource), out_dir=out, batch_size=batch_size,
                 top_k=top_k, seed=seed, max_length=max_length, qk_impact=qk_impact,
                 extra={"harmful": harmful, "benign": benign, "split": split, "held_out_fraction": held_out_fraction,
                        "split_seed": split_seed, "limit": limit, "dtype": dtype},

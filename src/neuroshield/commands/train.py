@@ -7,48 +7,64 @@ from pathlib import Path
 import typer
 
 from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, user_errors, with_images
+from neuroshield.settings import BENIGN_CACHE, IdentifyConfig, PipelineConfig, TrainConfig, joined
+
+# the option defaults are the pipeline's settings (tests/test_settings.py fails when one differs)
+TC, RUN = TrainConfig(), PipelineConfig()
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        model: str = typer.Option("default", "--model", help="default | smollm2 | .gguf | local folder | Hub id"),
+        model: str = typer.Option(RUN.model, "--model", help="default | smollm2 | .gguf | local folder | Hub id"),
         recipe: str = typer.Option(..., "--recipe", help="precise-shield | ss-expansion | random | lora | full"),
         set_path: str = typer.Option(None, "--set", help="Neuron set file, or a folder of ms_<lang> sets "
                                      "(needed by precise-shield, ss-expansion, random)."),
-        set_languages: str = typer.Option(None, help="precise-shield: languages whose sets to unite "
+        set_languages: str = typer.Option(joined(TC.set_languages), help="precise-shield: languages whose sets to unite "
                                           "(default: every ms_<lang> in the --set folder)."),
         modalities: str = typer.Option("text", help="precise-shield: modalities whose sets to unite (text,image)."),
         like: str = typer.Option("precise-shield", help="random: the recipe whose set the control copies."),
-        high_resource: str = typer.Option("en", help="ss-expansion: the high-resource language."),
-        budget: float = typer.Option(0.0003, help="precise-shield: parameter budget as a fraction of all."),
-        trim: str = typer.Option("layer", help="How --budget trims the set (precise-shield, and the random "
+        high_resource: str = typer.Option(RUN.high_resource[0], help="ss-expansion: the high-resource language."),
+        budget: float = typer.Option(TC.budget, help="precise-shield: parameter budget as a fraction of all."),
+        trim: str = typer.Option(TC.trim, help="How --budget trims the set (precise-shield, and the random "
                                  "control copying it): layer (each layer keeps its share) | score (best scores overall)."),
-        languages: str = typer.Option("en", help="Languages of the harmful training prompts (comma-separated)."),
-        harmful: str = typer.Option("xsafety", help="Harmful prompts: a data set name or a file."),
+        languages: str = typer.Option(joined(TC.languages), help="Languages of the harmful training prompts "
+                                      "(comma-separated)."),
+        # train.harmful [] means identify's first harmful source
+        harmful: str = typer.Option(joined(TC.harmful) or IdentifyConfig().harmful[0],
+                                    help="Harmful prompts: data set names or files, comma-separated."),
         harmful_split: str = typer.Option("held-in", help="held-in | held-out | all (split by prompt id)."),
-        held_out_fraction: float = typer.Option(0.5, help="Share of prompt ids held out for evaluation."),
-        split_seed: int = typer.Option(0, help="Seed of the held-in/held-out split."),
-        harmful_limit: int = typer.Option(None, help="At most this many harmful prompts per language."),
+        held_out_fraction: float = typer.Option(RUN.held_out_fraction, help="Share of prompt ids held out for "
+                                                "evaluation."),
+        split_seed: int = typer.Option(RUN.seed, help="Seed of the held-in/held-out split."),
+        harmful_limit: int = typer.Option(TC.per_language, help="At most this many harmful prompts per language "
+                                          "and source (train.per_language)."),
         use_references: bool = typer.Option(False, help="Harmful records with a reference refusal use it."),
-        benign: str = typer.Option("alpaca-seed", help="Benign prompts: a data set name or a file ('' for none)."),
-        benign_languages: str = typer.Option(None, help="Languages of the benign prompts (default: all)."),
-        benign_limit: int = typer.Option(None, help="At most this many benign prompts per language."),
-        benign_answers: str = typer.Option("self", help="self (base model's answers, cached) | reference."),
+        benign: str = typer.Option(joined(TC.benign) or "", help="Benign prompts: data set names or files, "
+                                   "comma-separated ('' for none)."),
+        benign_split: str = typer.Option("held-in", help="held-in | held-out | all: the benign prompts' id split "
+                                         "(the pipeline trains on held-in ids)."),
+        benign_languages: str = typer.Option(joined(TC.benign_languages), help="Languages of the benign prompts "
+                                             "(comma-separated; '' for all)."),
+        benign_limit: int = typer.Option(TC.benign_count, help="At most this many benign prompts per language and "
+                                         "source (train.benign_count)."),
+        benign_answers: str = typer.Option(TC.benign_answers, help="self (base model's answers, cached) | reference."),
         benign_cache: str = typer.Option(None, help="JSONL cache of the base model's answers "
-                                         "(default: <out>/../benign-answers.jsonl, shared by recipes)."),
-        benign_max_new_tokens: int = typer.Option(128, help="Length of the base model's benign answers."),
-        benign_fraction: float = typer.Option(0.5, help="Share of benign examples in every batch."),
-        steps: int = typer.Option(60, help="Optimizer steps."),
-        lr: float = typer.Option(None, help="Learning rate (default per recipe, see docs/training.md)."),
-        batch_size: int = typer.Option(4, help="Examples per micro-batch and process."),
-        grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-        max_length: int = typer.Option(256, help="Tokens per example (prompt + response)."),
-        seed: int = typer.Option(0, help="Seed of the data order and of the random control."),
+                                         f"(default: <out>/../{BENIGN_CACHE}, shared by recipes)."),
+        benign_max_new_tokens: int = typer.Option(TC.benign_max_new_tokens, help="Length of the base model's "
+                                                  "benign answers."),
+        benign_fraction: float = typer.Option(TC.benign_fraction, help="Share of benign examples in every batch."),
+        steps: int = typer.Option(TC.steps, help="Optimizer steps."),
+        lr: float = typer.Option(None, help="Learning rate (default per recipe: train.lr for the neuron recipes, "
+                                 "see docs/training.md)."),
+        batch_size: int = typer.Option(TC.batch_size, help="Examples per micro-batch and process."),
+        grad_accum: int = typer.Option(TC.grad_accum, help="Micro-batches per optimizer step."),
+        max_length: int = typer.Option(TC.max_length, help="Tokens per example (prompt + response)."),
+        seed: int = typer.Option(RUN.seed, help="Seed of the data order and of the random control."),
         weight_decay: float = typer.Option(0.0, help="AdamW weight decay (on the trainable tensors only)."),
         max_grad_norm: float = typer.Option(1.0, help="Gradient clipping (0: off)."),
-        warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
-        parts: str = typer.Option("all", help="Neuron recipes: all (gate/up rows and down column of each FFN "
+        warmup_steps: int = typer.Option(TC.warmup_steps, help="Linear warm-up steps."),
+        parts: str = typer.Option(TC.neuron_parts, help="Neuron recipes: all (gate/up rows and down column of each FFN "
                                   "neuron) | output (the down column only: the neuron fires as before)."),
         lora_r: int = typer.Option(16, help="LoRA rank."),
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),
@@ -63,6 +79,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Train only the safety neurons (or a LoRA / full baseline); write checkpoint, patch and summary."""
+        from neuroshield.commands.identify import split_sources
         from neuroshield.data.loaders import load_prompts
         from neuroshield.models import load_model
         from neuroshield.neurons.splits import limit_per_group, select_split
@@ -75,19 +92,21 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"--recipe {recipe} needs --set (a neuron set file or a folder of ms_<lang> sets)")
             langs = split_list(languages)
             loaded = load_model(model, dtype=dtype)
-            harm = load_prompts(harmful, languages=langs, label="harmful")
-            harm = limit_per_group(select_split(harm, harmful_split, held_out_fraction, split_seed), harmful_limit)
+            harm = []
+            for source in split_sources(harmful):  # the limit per source and language, as the pipeline's
+                got = load_prompts(source, languages=langs, label="harmful")
+                harm += limit_per_group(select_split(got, harmful_split, held_out_fraction, split_seed), harmful_limit)
             harm = with_images(harm, images)
             ben = []
-            if benign:
-                ben = load_prompts(benign, languages=split_list(benign_languages), label="benign")
-                ben = limit_per_group(select_split(ben, "all"), benign_limit)
+            for source in split_sources(benign):
+                got = load_prompts(source, languages=split_list(benign_languages), label="benign")
+                ben += limit_per_group(select_split(got, benign_split, held_out_fraction, split_seed), benign_limit)
             ns = None
             if recipe in NEURON_RECIPES:
                 ns = recipe_neuron_set(recipe, loaded, set_path, set_languages=split_list(set_languages),
                                        modalities=split_list(modalities) or ["text"], high_resource=high_resource,
                                        budget=budget, like=like, seed=seed, trim=trim)
-            cache = Path(benign_cache) if benign_cache else out.parent / "benign-answers.jsonl"
+            cache = Path(benign_cache) if benign_cache else out.parent / BENIGN_CACHE
             result = train(
                 loaded, recipe, neuron_set=ns, harmful=harm, benign=ben, languages=langs, steps=steps, lr=lr,
                 batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, out_dir=out,

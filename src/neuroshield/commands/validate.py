@@ -7,31 +7,39 @@ from pathlib import Path
 import typer
 
 from neuroshield.commands.common import IMAGES_HELP, split_list, user_errors, with_images
+from neuroshield.settings import PipelineConfig, ValidateConfig, joined
+
+# the option defaults are the pipeline's settings (tests/test_settings.py fails when one differs)
+VC, RUN = ValidateConfig(), PipelineConfig()
 
 
 def register(app: typer.Typer) -> None:
     @app.command("validate")
     def validate_cmd(
-        model: str = typer.Option("default", "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
+        model: str = typer.Option(RUN.model, "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
         set_path: Path = typer.Option(..., "--set", help="Neuron set (.safetensors/.json pair, or its base path)."),
         mode: str = typer.Option("zero", help="zero | scale:<alpha> (e.g. scale:2.0) | mean:<lang>/<modality>/<label>"),
         stats: Path | None = typer.Option(None, help="Statistics folder (ActivationStats) for mean:<group> modes."),
         prompts: str = typer.Option("xsafety", help="Harmful prompt set: registered name, name:option, or file."),
         label: str = typer.Option("harmful", help="Keep prompts with this label (harmful | benign)."),
-        languages: str | None = typer.Option(None, help="Languages, comma-separated (ISO 639-1); default: all."),
-        limit: int | None = typer.Option(None, help="Prompts per language (hash-sampled across categories)."),
+        languages: str | None = typer.Option(joined(VC.languages), help="Languages, comma-separated (ISO 639-1); "
+                                             "default: all."),
+        limit: int = typer.Option(VC.per_language, help="Prompts per language (hash-sampled across categories; "
+                                  "validate.per_language)."),
         split: str = typer.Option("held-out", help="held-out (default) | held-in | all: prompt-id split."),
-        held_out_fraction: float = typer.Option(0.5, help="Share of ids held out (as for identification)."),
-        split_seed: int = typer.Option(0, help="Seed of the id split (as for identification)."),
-        controls: int = typer.Option(3, help="Random control sets (same count per layer and site)."),
-        seed: int = typer.Option(0, help="Seed of the first control set (control k uses seed + k)."),
+        held_out_fraction: float = typer.Option(RUN.held_out_fraction, help="Share of ids held out (as for "
+                                                "identification)."),
+        split_seed: int = typer.Option(RUN.seed, help="Seed of the id split (as for identification)."),
+        controls: int = typer.Option(VC.controls, help="Random control sets (same count per layer and site)."),
+        seed: int = typer.Option(RUN.seed, help="Seed of the first control set (control k uses seed + k)."),
         benign: str = typer.Option("mgsm", help="Benign prompts for the KL / perplexity guard; '' for none."),
-        benign_limit: int | None = typer.Option(None, help="Benign prompts per language (default: --limit)."),
+        benign_limit: int = typer.Option(VC.benign_guard, help="Benign prompts per language for the guard "
+                                         "(validate.benign_guard)."),
         benign_generate: bool = typer.Option(False, help="Also answer benign prompts under every condition "
                                                          "(over-refusal)."),
         judge: str = typer.Option("refusal-phrase", help="refusal-phrase | path to a classifier / guard folder."),
-        max_new_tokens: int = typer.Option(48, help="Tokens generated per prompt."),
-        batch_size: int = typer.Option(8, help="Prompts per batch."),
+        max_new_tokens: int = typer.Option(VC.max_new_tokens, help="Tokens generated per prompt."),
+        batch_size: int = typer.Option(VC.batch_size, help="Prompts per batch."),
         dtype: str | None = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
         images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (validation.json/.csv/.png, generations)."),
@@ -59,7 +67,7 @@ def register(app: typer.Typer) -> None:
                 guard = load_validation_prompts(benign, langs or sorted({r.language for r in records}), label=None,
                                                 split=split, held_out_fraction=held_out_fraction,
                                                 split_seed=split_seed,
-                                                limit=benign_limit if benign_limit is not None else limit,
+                                                limit=benign_limit,
                                                 skip_missing_languages=True) or None
             loaded = load_model(model, dtype=dtype)
             neuron_set = NeuronSet.load(set_path, loaded)
