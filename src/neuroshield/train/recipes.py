@@ -897,44 +897,7 @@ def _result(recipe: str, out: Path, steps: int, step: int, n_trainable: int, upd
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Quick evaluation (ASR / over-refusal with the refusal-phrase judge)
-# --------------------------------------------------------------------------------------------------
-
-
-def evaluate_quick(loaded: Any, harmful: Sequence[PromptRecord], benign: Sequence[PromptRecord] = (), *,
-                   max_new_tokens: int = 48, batch_size: int = 8, judge: Any = None,
-                   keep_responses: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Attack success rate per language on `harmful` (share not refused) and over-refusal per language on
-    `benign` (share refused), greedy generation, the refusal-phrase judge by default."""
-    from neuroshield.generate.generation import generate_responses
-
-    if judge is None:
-        from neuroshield.judges.phrase import RefusalPhraseJudge
-
-        judge = RefusalPhraseJudge()
-    out: dict[str, Any] = {"asr": {}, "over_refusal": {}, "n": {}}
-    for name, recs, key in (("harmful", harmful, "asr"), ("benign", benign, "over_refusal")):
-        if not recs:
-            continue
-        responses = generate_responses(loaded, list(recs), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       progress=progress)
-        verdicts = judge.judge_batch(responses, [r.language for r in recs])
-        by: dict[str, list[bool]] = {}
-        for r, v in zip(recs, verdicts):
-            by.setdefault(r.language, []).append(bool(v.refused))
-        for lang, vals in by.items():
-            refused = sum(vals) / len(vals)
-            out[key][lang] = (1.0 - refused) if key == "asr" else refused
-            out["n"][f"{name}/{lang}"] = len(vals)
-        if keep_responses:
-            out.setdefault("responses", {})[name] = [
-                {"id": r.id, "language": r.language, "response": t, "refused": bool(v.refused)}
-                for r, t, v in zip(recs, responses, verdicts)]
-    return out
-
-
 __all__ = ["RECIPES", "NEURON_RECIPES", "DEFAULT_BUDGET", "DEFAULT_LR", "TrainResult", "train",
-           "recipe_neuron_set", "find_set_files", "trim_set", "prepare_examples", "evaluate_quick",
+           "recipe_neuron_set", "find_set_files", "trim_set", "prepare_examples",
            "latest_checkpoint", "checkpoints", "CheckpointError", "save_checkpoint", "load_checkpoint", "plot_losses",
            "peak_rss_mb"]
