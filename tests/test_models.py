@@ -154,5 +154,5 @@ def test_dtype_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
     assert loading.resolve_dtype("auto") == torch.float32
     assert loading.resolve_dtype("float32") == torch.float32 and loading.resolve_dtype("bf16") == torch.bfloat16
-    with pytest.raises(ValueError, match="auto, float32"):
+    with pytest.raises(ValueError, match="auto, stored, float32"):
         loading.resolve_dtype("int8")
