@@ -299,6 +299,8 @@ class Pipeline:
                        benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts,
                        warmup_steps=tc.warmup_steps, resume=resume, export=export, progress=progress,
                        on_step=on_step)
+        if tc.select_every > 0 and result is not None and not getattr(result, "interrupted", False):
+            plot_selection(out_dir, f"{recipe}: harmful vs exaggerated refusal during training")
         return loaded, result
 
     def monitor_prompts(self, trained: list[PromptRecord]) -> tuple[list[PromptRecord], list[PromptRecord]]:
@@ -520,3 +522,48 @@ class Pipeline:
 def run_pipeline(config: PipelineConfig, stages: tuple[str, ...] = STAGES) -> Path:
     """Run the whole pipeline for `config`; returns the path of the HTML report."""
     return Pipeline(config).run(stages)
+
+
+def plot_selection(recipe_dir: Path, title: str) -> Path | None:
+    """`selection.png` in a recipe folder: the step selection's held-in trade-off (harmful refusal against contrast
+    refusal at every monitored step, the base model, the chosen step), from loss.json and monitor_base.json."""
+    try:
+        history = read_json(recipe_dir / "loss.json", "training history")
+        base = read_json(recipe_dir / "monitor_base.json", "step-selection base rates")
+    except ArtifactError:
+        return None
+    pts = [(h["step"], h["monitor_contrast_refusal"], h["monitor_harmful_refusal"], h.get("select_score"))
+           for h in history if h.get("monitor_harmful_refusal") is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neuroshield.io import atomic_path
+
+    best = max(pts, key=lambda p: (p[3] if p[3] is not None else float("-inf"), -p[0]))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = [100 * base["contrast_refusal"]] + [100 * p[1] for p in pts]
+    ys = [100 * base["harmful_refusal"]] + [100 * p[2] for p in pts]
+    ax.plot(xs, ys, color="#4C72B0", lw=1, alpha=0.6)
+    ax.scatter(xs[1:], ys[1:], color="#4C72B0", zorder=3)
+    ax.scatter([xs[0]], [ys[0]], color="grey", zorder=3, label="base")
+    for (step, x, y, _) in pts:
+        ax.annotate(str(step), (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([100 * best[1]], [100 * best[2]], s=160, facecolors="none", edgecolors="#C44E52", lw=2, zorder=4,
+               label=f"chosen: step {best[0]}")
+    ax.set_xlabel(f"contrast (safe) prompts refused, % (n={base['contrast']})")
+    ax.set_ylabel(f"held-in harmful prompts refused, % (n={base['harmful']})")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = recipe_dir / "selection.png"
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+

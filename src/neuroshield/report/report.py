@@ -261,7 +261,13 @@ FIGURE_TEXT: dict[str, tuple[str, str]] = {
              "Cross-entropy on the response tokens per training step, overall and on the harmful "
              "(refusal-target) and benign examples of each batch."),
 }
-SMALL_FIGURES = {"validation", "loss"}  # drawn small by their stage: shown two per row
+FIGURE_TEXT["selection"] = (
+    "{owner}: step selection",
+    "Held-in monitor of the training run (never the evaluation prompts): refusal of held-in harmful prompts of every "
+    "language that training does not use (y) against refusal of the contrast set's train part, safe requests that "
+    "sound dangerous (x), at every monitored step; the grey point is the base model, the ringed point the step "
+    "whose weights are the result (most harmful refusal with contrast refusal within the tolerance of the base's).")
+SMALL_FIGURES = {"validation", "loss", "selection"}  # drawn small by their stage: shown two per row
 
 
 def _figure(path: Path, run: Path, hr: str) -> Figure:
