@@ -48,7 +48,7 @@ def test_groups_paired_differences_and_random_mean(tmp_path):
     assert other["asr_vs_random"]["value"] == pytest.approx(-0.25)
     assert other["exaggerated_refusal"]["value"] == 1.0 and other["exaggerated_refusal_vs_base"]["value"] == 0.5
     assert other["xcopa_vs_base"]["value"] == pytest.approx(0.5)
-    assert "asr_vs_base" not in h["models"]["base"]["en"]
+    assert "asr_vs_base" not in h["models"]["base"]["en"] and "asr_vs_random" not in h["models"]["base"]["other"]
     table = format_headline(h)
     assert "| precise-shield | en (n=10) | 0.0 [0.0, 0.0] | -100.0" in table
 

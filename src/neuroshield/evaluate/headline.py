@@ -92,7 +92,8 @@ def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), ra
                 r = Rate.of(list(mine.values()), n_resamples=n_resamples, seed=seed, key=f"{metric}/{group}")
                 g[metric] = r.to_dict()
                 for ref_name, refs in (("base", ["base"]), ("random", randoms)):
-                    if model == ref_name or model in refs or not refs or any(x not in items for x in refs):
+                    # the base model is the reference of both comparisons, never compared itself
+                    if model in (ref_name, "base") or model in refs or not refs or any(x not in items for x in refs):
                         continue
                     ref_cells = [cell(x, metric, group) for x in refs]
                     keys = [k for k in mine if all(k in rc for rc in ref_cells)]
