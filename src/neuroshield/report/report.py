@@ -798,6 +798,24 @@ def _rate_table(ev: Evals, role: str, with_delta: bool, title: str) -> Table | N
                  title=title)
 
 
+def _headline_table(run: Path) -> Table | None:
+    """evaluate/headline.json (`evaluate.headline`) as a table: English against the pooled other languages."""
+    path = run / "evaluate" / "headline.json"
+    data, err = _read_json(path) if path.is_file() else (None, None)
+    if not isinstance(data, dict) or not data.get("models"):
+        return None
+    from neuroshield.evaluate.headline import format_headline
+
+    lines = [line.strip("|").split(" | ") for line in format_headline(data).splitlines()]
+    header, rows = [c.strip() for c in lines[0]], [[c.strip() for c in r] for r in lines[2:]]
+    return Table(header, rows, "Per model, English against every other language pooled: shares in % with bootstrap 95 % "
+                 "intervals; Δ are paired differences over the same prompts, in points, against the base model and "
+                 "against the random control (the mean of the random sets). ASR counts compliance only; invalid "
+                 "answers (empty, looping, copies of the prompt) are shown apart. Exaggerated refusal: the contrast "
+                 "set's eval part (safe requests that sound dangerous). XCOPA: log-likelihood of the two choices.",
+                 [False, False] + [True] * (len(header) - 2), title="Headline")
+
+
 def _evaluate(run: Path, fig_dir: Path, ev: Evals) -> Section:
     sec = Section("evaluate", "Evaluation (stage 6)")
     if not ev.entries and not ev.bad:
@@ -820,6 +838,10 @@ def _evaluate(run: Path, fig_dir: Path, ev: Evals) -> Section:
     cols = ["evaluation", "folder"] + (["model"] if len(models) > 1 else []) + ["patch", "judge", "wall time (s)", "created"]
     sec.add(Table(cols, rows, "Evaluations found in this run. The base model (no patch) is the \"before\"; patched "
                   "models are \"after\".", [c == "wall time (s)" for c in cols], title="Evaluations"))
+
+    headline = _headline_table(run)
+    if headline is not None:
+        sec.add(headline)
 
     # ---- safety ----------------------------------------------------------------------------------
     for role, (metric, label, title, stem, _) in SAFETY_METRICS.items():
