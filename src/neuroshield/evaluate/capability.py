@@ -323,15 +323,17 @@ def continuation_logprobs(
             s = seqs[i][0]
             ids[r, : len(s)] = torch.tensor(s)
             att[r, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = ids[:, 1:].to(device)
-        tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().cpu()
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
         for r, i in enumerate(batch):
             s, n_cont = seqs[i]
             L = len(s)
-            # continuation tokens are s[L-n_cont:L]; predicted at positions L-n_cont-1 .. L-2
-            out[i] = (float(tok_lp[r, L - n_cont - 1: L - 1].sum()), n_cont)
+            # continuation tokens are s[L-n_cont:L]; predicted at positions L-n_cont-1 .. L-2. Only those rows get the
+            # float32 log-softmax (each position's is independent of the others: the same numbers as over the whole
+            # batch, without a [batch, length, vocabulary] float32 copy)
+            logp = torch.log_softmax(logits[r, L - n_cont - 1: L - 1].float(), dim=-1)
+            tgt = ids[r, L - n_cont: L].to(device)
+            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().cpu()
+            out[i] = (float(tok_lp.sum()), n_cont)
     return out
 
 
