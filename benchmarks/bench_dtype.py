@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     from neuroshield.generate.generation import generate_responses
-    from neuroshield.judges.registry import get_judge, judge_responses
+    from neuroshield.judges.registry import get_judge, judge_responses, result_verdict
     from neuroshield.models import load_model
     from neuroshield.models.chat import encode_chat
     from neuroshield.models.loading import auto_dtype
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, loaded in models.items():
         answers[name] = generate_responses(loaded, harm, max_new_tokens=24, batch_size=24, progress=False)
         res = judge_responses(judge, answers[name], [r.language for r in harm], prompts=[r.text for r in harm])
-        verdicts[name] = [getattr(x, "verdict", "refusal" if x.refused else "compliance") for x in res]
+        verdicts[name] = [result_verdict(x) for x in res]
     same_text = sum(a == b for a, b in zip(answers["float32"], answers["bfloat16"]))
     same_verdict = sum(a == b for a, b in zip(verdicts["float32"], verdicts["bfloat16"]))
     result: dict[str, Any] = {

@@ -143,3 +143,25 @@ def test_train_recipe_on_step_sees_the_weights_trained_so_far(tmp_path: Path, on
     assert not torch.allclose(seen[2], base, atol=1e-4)
     torch.testing.assert_close(seen[2], logits(trained_two), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(seen[3], logits(loaded), atol=1e-4, rtol=1e-4)
+
+
+def test_step_selection_runs_through_the_pipeline(tmp_path: Path, one_thread) -> None:
+    """train.select_every on a tiny model: base rates measured once for all recipes, a selected step, the plot."""
+    import json
+
+    from neuroshield.config import load_config
+    from neuroshield.pipeline import Pipeline
+
+    cfg = _tiny_config(tmp_path, "en", "recipes: [precise-shield, random], steps: 2, lr: 0.05, select_every: 1, "
+                                       "monitor_per_language: 1")
+    pipe = Pipeline(load_config(cfg))
+    pipe.run(stages=("identify", "train"))
+    train = pipe.run_dir / "train"
+    base = json.loads((train / "monitor_base.json").read_text())
+    assert base["harmful"] == 1 and base["contrast"] == 1
+    for recipe in ("precise-shield", "random"):
+        summary = json.loads((train / recipe / "summary.json").read_text())
+        assert summary["selected_step"] in (1, 2)
+        history = json.loads((train / recipe / "loss.json").read_text())
+        assert [h["step"] for h in history if "monitor_harmful_refusal" in h] == [1, 2]
+        assert (train / recipe / "selection.png").is_file()

@@ -56,12 +56,14 @@ def test_groups_paired_differences_and_random_mean(tmp_path):
 def test_selection_plot_from_the_monitor(tmp_path):
     from neuroshield.pipeline import plot_selection
 
+    tmp_path = tmp_path / "precise-shield"  # a recipe folder; the base rates lie in the train folder above it
+    tmp_path.mkdir()
     assert plot_selection(tmp_path, "t") is None  # no training history: nothing drawn
     history = [{"step": s, "loss": 1.0} for s in range(1, 7)]
     for rec, (h, c, score) in zip(history[2::3], [(0.4, 0.0, 0.4), (0.6, 0.2, 0.3)]):
         rec.update(monitor_harmful_refusal=h, monitor_contrast_refusal=c, select_score=score)
     (tmp_path / "loss.json").write_text(json.dumps(history))
-    (tmp_path / "monitor_base.json").write_text(json.dumps({"harmful_refusal": 0.3, "contrast_refusal": 0.0,
+    (tmp_path.parent / "monitor_base.json").write_text(json.dumps({"harmful_refusal": 0.3, "contrast_refusal": 0.0,
                                                             "harmful": 40, "contrast": 40}))
     path = plot_selection(tmp_path, "t")
     assert path == tmp_path / "selection.png" and path.stat().st_size > 1000

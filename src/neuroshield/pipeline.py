@@ -322,7 +322,7 @@ class Pipeline:
         judged; returns the selection score (harmful refusal, less twice the contrast refusal beyond the base
         model's plus `select_tolerance`) and records both rates in the step's loss record."""
         from neuroshield.generate.generation import generate_responses
-        from neuroshield.judges.registry import get_judge, judge_responses
+        from neuroshield.judges.registry import get_judge, judge_responses, result_verdict
 
         tc = self.config.train
         harmful, contrast = self.monitor_prompts(trained)
@@ -332,18 +332,19 @@ class Pipeline:
         def rates() -> tuple[float, float]:
             texts = generate_responses(loaded, prompts, max_new_tokens=16, batch_size=24, progress=False)
             res = judge_responses(judge, texts, [r.language for r in prompts], prompts=[r.text for r in prompts])
-            refused = [getattr(x, "verdict", "refusal" if x.refused else "") == "refusal" for x in res]
+            refused = [result_verdict(x) == "refusal" for x in res]
             n = len(harmful)
             return sum(refused[:n]) / max(1, n), sum(refused[n:]) / max(1, len(contrast))
 
-        base_file = out_dir / "monitor_base.json"
+        # the base model's rates on these prompts: measured once, shared by the recipes (beside benign_answers.jsonl)
+        base_file = out_dir.parent / "monitor_base.json"
         key = _fingerprint({"model": loaded.config_hash, "prompts": _records_fingerprint(prompts)})
         base = json.loads(base_file.read_text()) if base_file.is_file() else {}
         if base.get("key") != key:  # the untrained model's rates, measured once (before the first step)
             h0, c0 = rates()
             base = {"key": key, "harmful_refusal": h0, "contrast_refusal": c0, "harmful": len(harmful),
                     "contrast": len(contrast)}
-            out_dir.mkdir(parents=True, exist_ok=True)
+            base_file.parent.mkdir(parents=True, exist_ok=True)
             _write_json(base_file, base)
         log.info("step selection: %d harmful + %d contrast monitor prompts; base refusal %.3f / %.3f",
                  len(harmful), len(contrast), base["harmful_refusal"], base["contrast_refusal"])
@@ -416,10 +417,7 @@ class Pipeline:
         c, ec = self.config, self.config.evaluate
         from neuroshield.neurons.splits import limit_per_group
 
-        vc = c.validate
-        langs = [lang for lang in c.languages if not vc.languages or lang in vc.languages]
-        used = ({r.id for r in self.prompts(c.identify.harmful[0], "harmful", langs, "held-out", vc.per_language)}
-                if vc.enabled else set())
+        used = {r.id for recs in self.validation_harmful().values() for r in recs} if c.validate.enabled else set()
         pool = [r for r in self.prompts(c.identify.harmful[0], "harmful", c.languages, "held-out", None)
                 if r.id not in used]
         text = limit_per_group(pool, ec.harmful_per_language, c.seed)
@@ -526,10 +524,11 @@ def run_pipeline(config: PipelineConfig, stages: tuple[str, ...] = STAGES) -> Pa
 
 def plot_selection(recipe_dir: Path, title: str) -> Path | None:
     """`selection.png` in a recipe folder: the step selection's held-in trade-off (harmful refusal against contrast
-    refusal at every monitored step, the base model, the chosen step), from loss.json and monitor_base.json."""
+    refusal at every monitored step, the base model, the chosen step), from loss.json and the train folder's
+    monitor_base.json."""
     try:
         history = read_json(recipe_dir / "loss.json", "training history")
-        base = read_json(recipe_dir / "monitor_base.json", "step-selection base rates")
+        base = read_json(recipe_dir.parent / "monitor_base.json", "step-selection base rates")
     except ArtifactError:
         return None
     pts = [(h["step"], h["monitor_contrast_refusal"], h["monitor_harmful_refusal"], h.get("select_score"))

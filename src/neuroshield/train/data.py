@@ -192,11 +192,11 @@ def self_answer_examples(
 
 def _helpful(records: Sequence[PromptRecord], texts: Sequence[str]) -> list[bool]:
     """Whether each answer attempts the request (the default judge's verdict is `compliance`)."""
-    from neuroshield.judges.registry import get_judge, judge_responses
+    from neuroshield.judges.registry import get_judge, judge_responses, result_verdict
 
     results = judge_responses(get_judge("refusal-phrase"), list(texts), [r.language for r in records],
                               prompts=[r.text for r in records])
-    return [bool(t) and getattr(x, "verdict", "refusal" if x.refused else "compliance") == "compliance"
+    return [bool(t) and result_verdict(x) == "compliance"
             for t, x in zip(texts, results)]
 
 
