@@ -19,7 +19,7 @@ def test_demo_evaluation_ids_are_used_by_no_other_stage():
                     for r in p.prompts(s, label, c.languages, "held-in", ic.per_language)}
     harmful, benign = p.train_data()
     train_ids = {r.id for r in harmful + benign}
-    monitor_h, monitor_c = p.monitor_prompts(harmful)
+    monitor_h, monitor_c = p.monitor_prompts(harmful + benign)
     monitor_ids = {r.id for r in monitor_h + monitor_c}
     validation_ids = {r.id for recs in p.validation_harmful().values() for r in recs}
     evaluation = p.evaluation_harmful()
@@ -35,3 +35,5 @@ def test_demo_evaluation_ids_are_used_by_no_other_stage():
     contrast_train = {r.meta["pair"] for r in benign if r.source == "neuroshield-contrast"}
     assert contrast_train and not contrast_train & {r.id for r in contrast_eval}
     assert not {r.id for r in monitor_c} & {r.id for r in contrast_eval}
+    # nor does the monitor see a translation of a retain answer
+    assert monitor_c and not {r.id for r in monitor_c} & {r.id for r in benign}

@@ -290,7 +290,7 @@ class Pipeline:
                                            high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed,
                                            trim=tc.trim)
         if on_step is None and tc.select_every > 0:
-            on_step = self.step_selector(loaded, harmful, out_dir)
+            on_step = self.step_selector(loaded, harmful + benign, out_dir)
         result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
                        languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe in NEURON_RECIPES else None,
                        batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
@@ -305,7 +305,8 @@ class Pipeline:
 
     def monitor_prompts(self, trained: list[PromptRecord]) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """(harmful, contrast) prompts that select the training step: held-in harmful prompts of every language
-        whose ids training does not use, and the contrast set's train part; never evaluation prompts."""
+        and prompts of the contrast set's train part, both of ids that training (`trained`: its harmful and retain
+        prompts) does not use in any language; never evaluation prompts."""
         c, tc = self.config, self.config.train
         used = {r.id for r in trained}
         source = c.identify.harmful[0]
@@ -313,7 +314,10 @@ class Pipeline:
         from neuroshield.neurons.splits import limit_per_group
 
         harmful = limit_per_group(pool, tc.monitor_per_language, c.seed)
-        contrast = self.prompts("contrast", "benign", c.languages, "held-in", tc.monitor_per_language)
+        # contrast ids that the retain set does not answer in any language: a translation of a trained answer would
+        # show what training memorised, not what it does to unseen safe requests
+        scary = [r for r in self.prompts("contrast", "benign", c.languages, "held-in", None) if r.id not in used]
+        contrast = limit_per_group(scary, tc.monitor_per_language, c.seed)
         return harmful, contrast
 
     def step_selector(self, loaded: Any, trained: list[PromptRecord], out_dir: Path
