@@ -283,11 +283,11 @@ def test_validation_summary(run: Path) -> None:
                                       "(-33.3 points vs control); outside the range of the controls"),
 ])
 def test_validation_reading(mode: str, none: float, st: float, ctrl: float, controls: int, expected: str) -> None:
-    from neuroshield.report.report import _reading
+    from neuroshield.report.stages import reading
 
     row = {"n": 6, "refusal_none": none, "refusal_set": st, "refusal_control_mean": ctrl,
            "set_outside_controls": controls > 1}
-    assert _reading(mode, row, controls) == expected
+    assert reading(mode, row, controls) == expected
 
 
 def test_training_table_reads_the_summary_keys(run: Path) -> None:
