@@ -130,7 +130,7 @@ def provenance_section(run: Path, sections: dict[str, Section], results: list[An
     # prompts: evaluations on the same prompts (same hash) share one row
     grouped: dict[tuple[str, ...], list[str]] = {}
     for e in results:
-        for role in ("harmful", "benign", "mgsm", "xcopa"):
+        for role in ("harmful", "benign", "contrast", "mgsm", "xcopa"):
             d = e.data.get(role)
             if not isinstance(d, dict) or not d.get("n"):
                 continue
@@ -142,8 +142,9 @@ def provenance_section(run: Path, sections: dict[str, Section], results: list[An
     if grouped:
         sec.add(Table(["set", "data sets", "prompts", "languages", "modalities", "sha256 (ids+texts)", "evaluations"],
                       [list(k) + [", ".join(tags)] for k, tags in grouped.items()],
-                      "Prompts used by the evaluations; the hash covers ids, languages and texts, so evaluations on the "
-                      "same prompts share a row.", [False, False, True, False, False, False, False], title="Prompts"))
+                      "Prompts used by the evaluations: harmful (ASR), benign (over-refusal), contrast (exaggerated-safety "
+                      "refusal: safe requests that sound dangerous), MGSM and XCOPA (capability); the hash covers ids, "
+                      "languages and texts, so evaluations on the same prompts share a row.", [False, False, True, False, False, False, False], title="Prompts"))
     if not sec.facts and not sec.blocks:
         sec.status, sec.note = "not run", "No stage recorded the model or data (no summaries found)."
     return sec
