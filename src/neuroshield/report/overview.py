@@ -8,8 +8,19 @@ from typing import Any
 
 from neuroshield.report.blocks import Card, Details, Headline, Section, Table
 from neuroshield.report.cells import delta_text, fields_table, fmt, is_num, rate_value, seconds_text, share
-from neuroshield.report.evaluation import rate_table
+from neuroshield.report.evaluation import SAFETY_METRICS, rate_table
 from neuroshield.report.read import Evals, read_dict
+
+def pooled_rate(card: Card, numbers: dict[str, Any], e: Any, mod: str, suffix: str, role: str) -> None:
+    """A card's pooled ASR, over-refusal or exaggerated-safety refusal (by the prompts' role) of one modality, with
+    the invalid share beside it; nothing where the evaluation has no such prompts."""
+    metric, label = SAFETY_METRICS[role][:2]
+    rate = getattr(e, metric)("all", mod)
+    if rate is not None and rate.n:
+        card.rows.append((f"{label}{suffix}", rate_value(rate), ""))
+        numbers[f"{metric}{suffix}"] = rate.to_dict()
+        invalid_row(card, numbers, e.invalid("all", mod, role), f"invalid, {role}{suffix}", f"invalid_{role}{suffix}")
+
 
 def invalid_row(card: Card, numbers: dict[str, Any], rate: Any, label: str, key: str) -> None:
     """The invalid share beside a card's rate (absent in results written before the three verdicts)."""
@@ -33,12 +44,7 @@ def build_headline(run: Path, ev: Evals, recipes: dict[str, dict[str, Any]]) -> 
         numbers: dict[str, Any] = {"model": e.tag, "base": is_base}
         for mod in mods:
             suffix = f" ({mod})" if len(mods) > 1 else ""
-            asr = e.asr("all", mod)
-            if asr is not None and asr.n:
-                card.rows.append((f"ASR{suffix}", rate_value(asr), ""))
-                numbers[f"asr{suffix}"] = asr.to_dict()
-                invalid_row(card, numbers, e.invalid("all", mod, "harmful"), f"invalid, harmful{suffix}",
-                             f"invalid_harmful{suffix}")
+            pooled_rate(card, numbers, e, mod, suffix, "harmful")
             d = ev.delta(i, "all", mod) if not is_base else None
             if d is not None:
                 # tone only where the paired interval excludes 0
@@ -51,18 +57,8 @@ def build_headline(run: Path, ev: Evals, recipes: dict[str, dict[str, Any]]) -> 
                         f"ASR{suffix} lower than the base: the paired 95 % interval is below 0." if tone == "good" else
                         f"ASR{suffix} higher than the base: the paired 95 % interval is above 0." if tone == "bad" else
                         f"ASR{suffix} not distinguishable from the base: the paired 95 % interval includes 0.")
-            over = e.over_refusal("all", mod)
-            if over is not None and over.n:
-                card.rows.append((f"over-refusal{suffix}", rate_value(over), ""))
-                numbers[f"over_refusal{suffix}"] = over.to_dict()
-                invalid_row(card, numbers, e.invalid("all", mod, "benign"), f"invalid, benign{suffix}",
-                             f"invalid_benign{suffix}")
-            exag = e.exaggerated_refusal("all", mod)
-            if exag is not None and exag.n:
-                card.rows.append((f"exaggerated-safety refusal{suffix}", rate_value(exag), ""))
-                numbers[f"exaggerated_refusal{suffix}"] = exag.to_dict()
-                invalid_row(card, numbers, e.invalid("all", mod, "contrast"), f"invalid, contrast{suffix}",
-                             f"invalid_contrast{suffix}")
+            pooled_rate(card, numbers, e, mod, suffix, "benign")
+            pooled_rate(card, numbers, e, mod, suffix, "contrast")
         for c in e.capability:
             if c.language == "all":
                 card.rows.append((f"{c.task.upper()} accuracy", rate_value(c.accuracy), ""))
