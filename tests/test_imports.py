@@ -1,5 +1,6 @@
 """The package has no import cycle: neither between modules (lazy imports inside functions included) nor
-between the sub-packages (models, neurons, train, ...), and every module imports in a fresh interpreter."""
+between the sub-packages (models, neurons, train, ...); a sub-package imports only from the layers below its own
+(`LAYERS`, the table in CONTRIBUTING.md); and every module imports in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "neuroshield"
 
+
+# The parts of the package from the bottom up: a part may import from the layers below its own, never from its own
+# layer or above (lazy imports inside functions included). `neuroshield` is the package's __init__ (the version).
+LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
+    {"neuroshield", "io", "settings"},
+    {"models", "data"},
+    {"generate"},
+    {"judges", "neurons"},
+    {"train", "intervene"},
+    {"evaluate"},
+    {"report", "config"},
+    {"pipeline"},
+    {"commands"},
+    {"cli"},
+))
 
 def _modules() -> dict[str, Path]:
     out = {}
@@ -94,6 +110,36 @@ def test_no_import_cycle_between_packages() -> None:
     cycles = _cycles(graph)
     assert not cycles, f"sub-packages importing each other: {cycles}"
 
+
+def _layer_of(part: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if part in layer)
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """`a -> b` for every part a that imports a part b of its own layer or above."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if b != a and _layer_of(b) >= _layer_of(a))
+
+
+def test_every_part_has_a_layer() -> None:
+    modules = _modules()
+    parts = {_package_of(m, modules).removeprefix(f"{PACKAGE}.") for m in modules}
+    assert not [p for p in sorted(parts) if not any(p in layer for layer in LAYERS)], \
+        "a new part of the package: give it a layer in LAYERS (and a line in CONTRIBUTING.md)"
+
+
+def test_parts_import_only_from_the_layers_below() -> None:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for module, targets in _imports(modules).items():
+        part = _package_of(module, modules).removeprefix(f"{PACKAGE}.")
+        graph.setdefault(part, set()).update(_package_of(t, modules).removeprefix(f"{PACKAGE}.") for t in targets)
+    upward = _upward_imports(graph)
+    assert not upward, f"imports from the same layer or above (see LAYERS): {upward}"
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    assert _upward_imports({"models": {"io"}, "data": {"models"}, "io": {"report"}}) == ["data -> models", "io -> report"]
 
 def test_the_io_module_imports_nothing_from_the_package() -> None:
     assert _imports(_modules())[f"{PACKAGE}.io"] == set()

@@ -50,7 +50,9 @@ def _eval(folder: Path, tag: str, refused_en: int, patch: str | None = None) -> 
         safety=safety_metrics(verdicts, judge="refusal-phrase@h1", n_resamples=100),
         capability=cap + xc,
         data={"harmful": {"n": 20, "by_language_modality": {"en/text": 10, "zh/text": 10}, "sha256": "0123456789abcdef",
-                          "datasets": ["xsafety"]}},
+                          "datasets": ["xsafety"]},
+              "contrast": {"n": 4, "by_language_modality": {"en/text": 4}, "sha256": "fedcba9876543210",
+                           "datasets": ["neuroshield-contrast"]}},
         settings={"max_new_tokens": 48, "mgsm_max_new_tokens": 256, "n_resamples": 100, "seed": 0},
         timings={"safety_s": 12.0, "total_s": 30.5}, created="2026-01-01T00:00:00+00:00",
     )
@@ -218,7 +220,10 @@ def test_provenance_and_identify_fold_the_details(run: Path) -> None:
     config = _table(rep, "provenance", "config.json")
     assert ["languages", "en, zh, ar, ru, es, fr, de, ja, bn, hi"] in config["rows"] and ["train.lr", "0.001"] in config["rows"]
     # one row per prompt set, listing the evaluations that used it
-    assert _table(rep, "provenance", "Prompts")["rows"][0][-1] == "base, precise-shield"
+    prompts = _table(rep, "provenance", "Prompts")["rows"]
+    assert prompts[0][-1] == "base, precise-shield"
+    # one row per prompt set the evaluations used, the contrast set's included
+    assert [r[:3] for r in prompts] == [["harmful", "xsafety", "20"], ["contrast", "neuroshield-contrast", "4"]]
     ident = _section(rep, "identify")
     assert ident["facts"]["methods"] == "plnd" and not any(k.startswith("groups") for k in ident["facts"])
     assert ident["facts"]["activation statistics"] == "prompt groups collected: 1, reused from an earlier run: 0; 180.6 s"
@@ -283,11 +288,11 @@ def test_validation_summary(run: Path) -> None:
                                       "(-33.3 points vs control); outside the range of the controls"),
 ])
 def test_validation_reading(mode: str, none: float, st: float, ctrl: float, controls: int, expected: str) -> None:
-    from neuroshield.report.report import _reading
+    from neuroshield.report.stages import reading
 
     row = {"n": 6, "refusal_none": none, "refusal_set": st, "refusal_control_mean": ctrl,
            "set_outside_controls": controls > 1}
-    assert _reading(mode, row, controls) == expected
+    assert reading(mode, row, controls) == expected
 
 
 def test_training_table_reads_the_summary_keys(run: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont, features
 
+from neuroshield.data import fonts, writing
 from neuroshield.data import typography as ty
 from neuroshield.data.records import PromptRecord
 from neuroshield.data.typography import (
@@ -77,7 +78,7 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
 def require_font(script: str, prefix: str, language: str, text: str) -> ty.FontSpec:
     spec = resolve_font(script, language, text)
     if spec is None or spec.path is None or not Path(spec.path).name.startswith(prefix):
-        package = ty._SCRIPT_FONTS[script][1]
+        package = fonts._SCRIPT_FONTS[script][1]
         pytest.skip(f"{prefix} is not installed (apt-get install {package})")
     return spec
 
@@ -202,18 +203,18 @@ def test_missing_glyphs_without_fonttools(monkeypatch: pytest.MonkeyPatch) -> No
     thai = resolve_font("thai")
     if thai is None or thai.path is None:
         pytest.skip("Noto Sans Thai not installed (apt-get install fonts-noto-core)")
-    monkeypatch.setattr(ty, "_cmap", lambda path, index: None)
-    ty._has_glyph.cache_clear()
+    monkeypatch.setattr(fonts, "_cmap", lambda path, index: None)
+    fonts._has_glyph.cache_clear()
     try:
         assert missing_glyphs("ขั้นตอน 1.", thai.path) == ["1", "."]
     finally:
-        ty._has_glyph.cache_clear()
+        fonts._has_glyph.cache_clear()
 
 
 def test_missing_font_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = ty._resolve_font
+    real = fonts._resolve_font
     monkeypatch.setattr(
-        ty, "_resolve_font", lambda script, face: None if script == "thai" else real(script, face)
+        fonts, "_resolve_font", lambda script, face: None if script == "thai" else real(script, face)
     )
     with pytest.warns(UserWarning, match="fonts-noto-core"):
         layout = layout_typographic("ขั้นตอนการอบขนมปัง", "th")
@@ -227,8 +228,8 @@ def test_script_detection_uses_the_text_not_only_the_language() -> None:
     assert ty.detect_script("خطوات", "en") == "arabic"
     assert ty.detect_script("1. 2.", "th") == "thai"  # no letters: the language decides
     assert ty.detect_script("日本語のテキスト", "zh") == "kana"  # kana makes it Japanese
-    assert ty._cjk_face("zh-TW", "麵包") == "TC"
-    assert ty._cjk_face("ko", "麵包") == "KR"
+    assert writing.cjk_face_for("zh-TW", "麵包") == "TC"
+    assert writing.cjk_face_for("ko", "麵包") == "KR"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,15 +282,15 @@ def test_wrapping_keeps_ink_inside_the_canvas(language: str) -> None:
 def test_thai_wraps_at_word_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
     text = WRAP_CASES["th"]
     require_font("thai", "NotoSansThai", "th", text)
-    if ty._libthai() is None:
+    if writing._libthai() is None:
         pytest.skip("libthai not installed (apt-get install libthai0): Thai breaks between clusters")
-    words = ty._thai_word_breaks(text)
+    words = writing._thai_word_breaks(text)
     assert words  # the dictionary finds words in a run without spaces
     lines = [line.text for line in layout_typographic(text, "th", add_numbered_list=False).lines]
     ends = np.cumsum([len(line) for line in lines])[:-1]
     assert len(lines) >= 3 and all(int(end) in words for end in ends), lines
     # Without libthai: still wrapped, never before a mark.
-    monkeypatch.setattr(ty, "_thai_word_breaks", lambda run: None)
+    monkeypatch.setattr(writing, "_thai_word_breaks", lambda run: None)
     lines = [line.text for line in layout_typographic(text, "th", add_numbered_list=False).lines]
     assert "".join(lines) == text and len(lines) >= 3
     assert not any(unicode_mark(line[0]) for line in lines[1:])
