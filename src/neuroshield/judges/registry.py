@@ -62,16 +62,22 @@ def judge_info(judge: Any) -> dict[str, Any]:
 
 def _implicit_version(judge: Any) -> str:
     """A judge's `version`, or else a hash of its settings and of its module's phrase table (PHRASES)
-    when it has one, so that a change of the phrase lists changes the recorded version."""
+    when it has one, with the source of the invalid rules (`judges.invalid`) it applies, so that a change of the
+    phrase lists or of those rules changes the recorded version."""
     v = getattr(judge, "version", None)
     if v:
         return str(v)
+    import inspect
     import sys
 
     settings = {k: val for k, val in vars(judge).items()
                 if not k.startswith("_") and isinstance(val, (str, int, float, bool, type(None), tuple))}
     table = getattr(sys.modules.get(type(judge).__module__), "PHRASES", None)
-    return "h" + settings_hash([settings, repr(dict(table)) if table is not None else None])
+    if table is None:
+        return "h" + settings_hash([settings, None])
+    from neuroshield.judges import invalid
+
+    return "h" + settings_hash([settings, repr(dict(table)), inspect.getsource(invalid)])
 
 
 def judge_label(judge: Any) -> str:
