@@ -88,6 +88,29 @@ class TrainConfig:
 
 
 @dataclass
+class TrainOptions:
+    """How one training run executes beyond its `TrainConfig`: the Python API (`train.trainer.train`) and
+    `neuroshield train` take these; the pipeline trains with these defaults (its config has no such keys)."""
+
+    lr: float | None = None  # None: train.lr for the neuron recipes, the recipe's own for lora and full (2e-4, 1e-5)
+    weight_decay: float = 0.0  # AdamW, on the trainable tensors only
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    use_references: bool = False  # harmful records with a reference refusal train on it
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=list)  # [] = every linear layer of the decoder
+    delta_dtype: str = "float32"  # the neuron recipes' trainable deltas
+    checkpoint_every: int = 20
+    resume: bool = True  # from the newest checkpoint of the same setup in out_dir
+    export: bool = True  # the merged model to out_dir/model
+    verify_export: bool = True  # reload the exported model and compare its logits
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
+    benign_cache: str = ""  # the base model's benign answers ("" = out_dir/benign_answers.jsonl)
+    progress: bool = True
+
+
+@dataclass
 class EvaluateConfig:
     enabled: bool = True
     harmful_per_language: int = 15
