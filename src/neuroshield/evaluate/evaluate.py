@@ -36,9 +36,9 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from neuroshield.evaluate.metrics import (
 )
 from neuroshield.evaluate.metrics import ROLES as SAFETY_ROLES
 from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses, result_verdict
-from neuroshield.io import atomic_path, atomic_write_text
+from neuroshield.io import atomic_path, atomic_write_text, bytes_digest, weights_fingerprint
 from neuroshield.models.loading import dtype_name
 from neuroshield.settings import EvaluateConfig, PipelineConfig
 
@@ -112,34 +112,42 @@ class EvalSuite:
     @classmethod
     def from_sources(
         cls, *, harmful: Sequence[str] = (), benign: Sequence[str] = (), contrast: Sequence[str] = (),
-        capability: Sequence[str] = (),
-        languages: Sequence[str] | None = None, limit: int | None = None, benign_limit: int | None = None,
-        mgsm_limit: int | None = None, xcopa_limit: int | None = None, mgsm_languages: Sequence[str] | None = None,
-        xcopa_languages: Sequence[str] | None = None, root: str | Path | None = None,
+        capability: Sequence[str] = (), languages: Sequence[str] | None = None, limit: int | None = None,
+        benign_limit: int | None = None, mgsm_limit: int | None = None, xcopa_limit: int | None = None,
+        mgsm_languages: Sequence[str] | None = None, xcopa_languages: Sequence[str] | None = None,
+        split: str = "held-out", held_out_fraction: float = 0.5, seed: int = 0, exclude_ids: Collection[str] = (),
     ) -> EvalSuite:
-        """Load the named data sets (registered names, `name:option`, `parallel-benign`, or file paths).
+        """Pick the named data sets' prompts (registered names, `name:option`, or file paths) as the pipeline's
+        evaluation does (`neurons.splits.pick_prompts`): the `split` ids (held-out: never identified or trained
+        on), `limit_per_group` per language; harmful ids in `exclude_ids` (validation's) are left out.
 
         `languages` applies to every set, intersected with the languages each set has (a set with none
-        of them is skipped with a warning); `mgsm_languages` / `xcopa_languages` override it for
-        capability. Limits are per language: `limit` for every set unless a specific one is given
-        (`benign_limit` also limits the contrast sets). Contrast sets keep their benign records only (the
-        safe requests that sound dangerous).
+        of them is skipped); `mgsm_languages` / `xcopa_languages` override it for capability. Limits are per
+        language: `limit` for every set unless a specific one is given (`benign_limit` also limits the contrast
+        sets). XCOPA items come from every id (no stage trains on them). Contrast sets keep their benign records
+        only (the safe requests that sound dangerous).
         """
+        from neuroshield.neurons.splits import evaluation_pick, pick_prompts
+
         def lim(x: int | None) -> int | None:
             return x if x is not None else limit
 
-        h = [r for s in harmful for r in _load_set(s, languages, "harmful", limit, root)]
-        b = [r for s in benign for r in _load_set(s, languages, "benign", lim(benign_limit), root)]
-        c = [r for s in contrast for r in _load_set(s, languages, "benign", lim(benign_limit), root)]
+        def pick(source: str, label: str, langs: Sequence[str] | None, n: int | None, part: str = split) -> list:
+            return pick_prompts(source, label, langs, part, n, held_out_fraction=held_out_fraction, seed=seed)
+
+        h = [r for s in harmful for r in evaluation_pick(s, languages, limit, split=split, exclude_ids=exclude_ids,
+                                                         held_out_fraction=held_out_fraction, seed=seed)]
+        b = [r for s in benign for r in pick(s, "benign", languages, lim(benign_limit))]
+        c = [r for s in contrast for r in pick(s, "benign", languages, lim(benign_limit))]
         mg: list[PromptRecord] = []
         xc: list[PromptRecord] = []
         for task in capability:
             t = task.strip().lower()
             if t.split(":")[0] == "mgsm":
-                mg += _load_set(task, mgsm_languages if mgsm_languages is not None else languages, None, lim(mgsm_limit), root)
+                mg += pick(task, "benign", mgsm_languages if mgsm_languages is not None else languages, lim(mgsm_limit))
             elif t.split(":")[0] == "xcopa":
-                xc += _load_set(task, xcopa_languages if xcopa_languages is not None else languages, None,
-                                lim(xcopa_limit), root)
+                xc += pick(task, "benign", xcopa_languages if xcopa_languages is not None else languages,
+                           lim(xcopa_limit), "all")
             else:
                 raise ValueError(f"unknown capability task {task!r}: use mgsm and/or xcopa")
         return cls(h, b, c, mg, xc, {"harmful": list(harmful), "benign": list(benign), "contrast": list(contrast),
@@ -160,53 +168,6 @@ class EvalSuite:
             out[role] = {"n": len(recs), "by_language_modality": counts, "sha256": h.hexdigest()[:16],
                          "datasets": sorted({r.source for r in recs if r.source})}
         return out
-
-
-def _load_set(source: str, languages: Sequence[str] | None, label: str | None, limit: int | None,
-              root: str | Path | None) -> list[PromptRecord]:
-    from neuroshield.data.loaders import DATASETS, load_prompts
-
-    source = source.strip()
-    name = source.split(":")[0]
-    if name == "parallel-benign":
-        return _parallel_benign(languages, limit)
-    langs: list[str] | None = list(languages) if languages else None
-    if langs is not None and name in DATASETS:
-        have = DATASETS[name].languages
-        keep = [lang for lang in langs if lang in have]
-        if not keep:
-            warnings.warn(f"{source}: none of the languages {', '.join(langs)} is in this data set "
-                          f"(it has {', '.join(have)}); skipped", EvaluationWarning, stacklevel=3)
-            return []
-        langs = keep
-    records = load_prompts(source, languages=langs, label=label, limit=limit, root=root)
-    if langs is not None and name not in DATASETS:
-        records = [r for r in records if r.language in set(langs)]
-    return records
-
-
-def _parallel_benign(languages: Sequence[str] | None, limit: int | None) -> list[PromptRecord]:
-    """The project's parallel benign set (`neuroshield.data.templates.load_parallel_benign`), in the
-    requested languages it supports (others are skipped with a warning)."""
-    from neuroshield.data.templates import SUPPORTED_LANGUAGES, load_parallel_benign
-
-    langs = list(SUPPORTED_LANGUAGES) if not languages else [x for x in languages if x in SUPPORTED_LANGUAGES]
-    missing = [x for x in (languages or []) if x not in SUPPORTED_LANGUAGES]
-    if missing:
-        warnings.warn(f"parallel-benign has no prompts in {', '.join(missing)}; those languages are skipped",
-                      EvaluationWarning, stacklevel=3)
-    if not langs:
-        return []
-    records = load_parallel_benign(langs)
-    if limit is not None:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in records:
-            if seen.get(r.language, 0) < limit:
-                kept.append(r)
-                seen[r.language] = seen.get(r.language, 0) + 1
-        records = kept
-    return records
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,24 +281,7 @@ class EvalResult:
 
 
 def _sha(text: str, n: int = 16) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
-
-
-def weights_fingerprint(model: Any) -> str:
-    """A cheap identity of a model's weights: per parameter its name, shape, sum and L2 norm (float64).
-
-    Two checkpoints with the same architecture (same config hash) but different weights, e.g. a base
-    model and its fine-tuned merge, get different fingerprints, so their generations never mix.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            total = float(torch.sum(p, dtype=torch.float64))
-            norm = float(torch.linalg.vector_norm(p, dtype=torch.float64))
-            h.update(f"{name}:{tuple(p.shape)}:{total:.17g}:{norm:.17g}\n".encode())
-    return h.hexdigest()[:16]
+    return bytes_digest(text.encode("utf-8"))[:n]
 
 
 class GenerationCache:
@@ -750,4 +694,4 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 __all__ = ["EvalSuite", "EvalResult", "evaluate", "GenerationCache", "patched", "patch_tag", "file_hash",
-           "weights_fingerprint", "EvaluationWarning"]
+           "EvaluationWarning"]
