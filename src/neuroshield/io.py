@@ -189,6 +189,18 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """A matplotlib figure written atomically as PNG, then closed (also when writing fails)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fingerprints (of settings and prompt lists) and content digests (of files)
 # --------------------------------------------------------------------------------------------------
@@ -317,5 +329,5 @@ def check_manifest(folder: str | Path, name: str = MANIFEST, trust_stat: bool = 
 
 __all__ = ["OutputError", "ArtifactError", "disk_errno", "output_error", "raise_output_errors", "atomic_path",
            "atomic_write_bytes", "atomic_write_text", "write_json", "read_json", "atomic_dir", "replace_dir",
-           "fingerprint", "image_digest", "records_fingerprint", "weights_fingerprint", "bytes_digest", "file_digest", "folder_files",
+           "save_figure", "fingerprint", "image_digest", "records_fingerprint", "weights_fingerprint", "bytes_digest", "file_digest", "folder_files",
            "digest_entries", "write_manifest", "check_manifest", "MANIFEST"]

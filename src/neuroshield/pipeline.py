@@ -530,7 +530,7 @@ def plot_selection(recipe_dir: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neuroshield.io import atomic_path
+    from neuroshield.io import save_figure
 
     best = max(pts, key=lambda p: (p[3] if p[3] is not None else float("-inf"), -p[0]))
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -549,10 +549,6 @@ def plot_selection(recipe_dir: Path, title: str) -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = recipe_dir / "selection.png"
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
     return path
 

@@ -1,9 +1,9 @@
 """The settings of each stage: one dataclass per stage, the single source of every default.
 
 The pipeline reads them from YAML (`neuroshield.config.load_config`); the Python API functions
-(`neurons.identify.identify`, `intervene.validate.validate`, `train.recipes.train`, `evaluate.evaluate.evaluate`)
-and the CLI commands take their keyword and option defaults from them, and `tests/test_settings.py` fails when one
-differs. This module imports nothing from the package, so every stage can import it.
+(`neurons.identify.identify`, `intervene.validate.validate`, `evaluate.evaluate.evaluate`) and the CLI commands
+take their keyword and option defaults from them (`train.trainer.train` takes `TrainConfig` itself, with
+`TrainOptions`), and `tests/test_settings.py` fails when one differs. This module imports nothing from the package, so every stage can import it.
 """
 
 from __future__ import annotations

@@ -140,6 +140,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"model         {result.model_dir}")
         typer.echo(f"summary       {Path(result.out_dir) / 'summary.json'}")
 
+    _register_patch(app)
+
+
+def _register_patch(app: typer.Typer) -> None:
+    """`neuroshield patch apply|revert|info`."""
     patch = typer.Typer(help="Safety patches: apply, revert, inspect.", no_args_is_help=True)
     app.add_typer(patch, name="patch")
 

@@ -55,7 +55,13 @@ from neuroshield.data.records import PromptRecord, group_name
 from neuroshield.generate.generation import Generation, GenerationConfig, generate, response_divergence
 from neuroshield.intervene.interventions import InterventionMode, _means_of, intervene, parse_mode
 from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
-from neuroshield.io import atomic_path, atomic_write_text, fingerprint, records_fingerprint, weights_fingerprint
+from neuroshield.io import (
+    atomic_write_text,
+    fingerprint,
+    records_fingerprint,
+    save_figure,
+    weights_fingerprint,
+)
 from neuroshield.models.loading import LoadedModel
 from neuroshield.neurons.neuronset import NeuronSet, random_like
 from neuroshield.settings import PipelineConfig, ValidateConfig
@@ -313,11 +319,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +388,50 @@ def _verdict_fields(v: Any) -> dict[str, Any]:
             "matched": getattr(v, "matched", None), "reason": getattr(v, "reason", None)}
 
 
+def _checked_inputs(loaded: LoadedModel, neuron_set: NeuronSet, prompts: Sequence[PromptRecord],
+                    parsed: InterventionMode, controls: int, judge: Any) -> Any:
+    """Raise ValueError on inputs validation cannot use; returns the judge (default refusal-phrase)."""
+    if parsed.kind == "none":
+        raise ValueError("mode='none' validates nothing: choose zero, scale:<alpha> or mean:<group>")
+    if controls < 0:
+        raise ValueError(f"controls={controls}: must be >= 0")
+    if not prompts:
+        raise ValueError("prompts is empty: nothing to validate (check --languages, --split and --limit)")
+    neuron_set.check_model(loaded)
+    if len(neuron_set) == 0:
+        raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
+    if judge is None:
+        judge = get_judge("refusal-phrase")
+    if getattr(judge, "requires_generation", True) is False or not (hasattr(judge, "judge_batch")
+                                                                    or hasattr(judge, "judge")):
+        raise ValueError(f"judge {type(judge).__name__} does not judge responses; validation judges the generated "
+                         "answers: use a response judge (refusal-phrase or a classifier folder)")
+    return judge
+
+
+def _generation_lines(conds: Sequence[Condition], prompts: Sequence[PromptRecord], gens: Mapping[str, list[Generation]],
+                      verdicts: Mapping[str, list[Any]], mode: str, benign: Sequence[PromptRecord],
+                      benign_gens: Mapping[str, list[Generation]], benign_verdicts: Mapping[str, list[Any]]
+                      ) -> list[str]:
+    """The rows of generations.jsonl: every condition's responses and verdicts, then the benign guard's."""
+    lines = []
+    for c in conds:
+        for r, g, v in zip(prompts, gens[c.name], verdicts[c.name]):
+            lines.append(json.dumps({"condition": c.name, "kind": c.kind, "seed": c.seed, "mode": mode,
+                                     "set": None if c.neuron_set is None else c.neuron_set.name, "id": r.id,
+                                     "language": r.language, "modality": r.modality, "label": r.label,
+                                     "category": r.category, "prompt": r.text, "response": g.text,
+                                     "response_tokens": len(g.token_ids), "finished": g.finished,
+                                     **_verdict_fields(v)}, ensure_ascii=False))
+    for name, bg in benign_gens.items():
+        for r, g, v in zip(benign, bg, benign_verdicts[name]):
+            lines.append(json.dumps({"condition": f"benign-{name}", "kind": "benign", "id": r.id, "language": r.language,
+                                     "modality": r.modality, "label": r.label, "prompt": r.text, "response": g.text,
+                                     "response_tokens": len(g.token_ids), "finished": g.finished,
+                                     **_verdict_fields(v)}, ensure_ascii=False))
+    return lines
+
+
 def validate(
     loaded: LoadedModel,
     neuron_set: NeuronSet,
@@ -412,21 +458,7 @@ def validate(
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     parsed = parse_mode(mode)
-    if parsed.kind == "none":
-        raise ValueError("mode='none' validates nothing: choose zero, scale:<alpha> or mean:<group>")
-    if controls < 0:
-        raise ValueError(f"controls={controls}: must be >= 0")
-    if not prompts:
-        raise ValueError("prompts is empty: nothing to validate (check --languages, --split and --limit)")
-    neuron_set.check_model(loaded)
-    if len(neuron_set) == 0:
-        raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
-    if judge is None:
-        judge = get_judge("refusal-phrase")
-    if getattr(judge, "requires_generation", True) is False or not (hasattr(judge, "judge_batch")
-                                                                    or hasattr(judge, "judge")):
-        raise ValueError(f"judge {type(judge).__name__} does not judge responses; validation judges the generated "
-                         "answers: use a response judge (refusal-phrase or a classifier folder)")
+    judge = _checked_inputs(loaded, neuron_set, prompts, parsed, controls, judge)
     mean_vecs: dict[str, torch.Tensor] | None = None
     if parsed.kind == "mean":  # resolve once: the controls use the same site keys
         mean_vecs = {k: v.detach().float().cpu() for k, v in
@@ -495,21 +527,8 @@ def validate(
     # --- files ----------------------------------------------------------------------------------
     paths = {name: str(out / name) for name in
              ("validation.json", "validation.csv", "generations.jsonl", "validation.png", "summary.json")}
-    lines = []
-    for c in conds:
-        for r, g, v in zip(prompts, gens[c.name], verdicts_full[c.name]):
-            lines.append(json.dumps({"condition": c.name, "kind": c.kind, "seed": c.seed, "mode": str(parsed),
-                                     "set": None if c.neuron_set is None else c.neuron_set.name, "id": r.id,
-                                     "language": r.language, "modality": r.modality, "label": r.label,
-                                     "category": r.category, "prompt": r.text, "response": g.text,
-                                     "response_tokens": len(g.token_ids), "finished": g.finished,
-                                     **_verdict_fields(v)}, ensure_ascii=False))
-    for name, bg in benign_gens.items():
-        for r, g, v in zip(benign_guard or [], bg, benign_verdicts[name]):
-            lines.append(json.dumps({"condition": f"benign-{name}", "kind": "benign", "id": r.id, "language": r.language,
-                                     "modality": r.modality, "label": r.label, "prompt": r.text, "response": g.text,
-                                     "response_tokens": len(g.token_ids), "finished": g.finished,
-                                     **_verdict_fields(v)}, ensure_ascii=False))
+    lines = _generation_lines(conds, prompts, gens, verdicts_full, str(parsed), benign_guard or [], benign_gens,
+                              benign_verdicts)
     atomic_write_text(out / "generations.jsonl", "\n".join(lines) + "\n")
     config = {
         "model_id": loaded.model_id, "config_hash": loaded.config_hash, "set": neuron_set.name,

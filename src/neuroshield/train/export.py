@@ -30,8 +30,8 @@ from neuroshield.io import (
     MANIFEST,
     ArtifactError,
     atomic_dir,
-    atomic_path,
     check_manifest,
+    save_figure,
     write_json,
     write_manifest,
 )
@@ -279,11 +279,7 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long set names would run off the figure
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 __all__ = ["ExportError", "ExportResult", "param_digests", "saved_digests", "save_merged", "verify_reload",
