@@ -8,7 +8,7 @@ Methods (same model, same batch, same loss, AdamW, grad-norm clipping at 1.0, as
 * `dense`: the same neurons by dense gradient masking: the gate/up/down weights of every layer are
   trainable, each gradient is multiplied by its 0/1 mask (`train.sparse.dense_masks`) in a tensor hook,
   and AdamW holds state for the whole matrices (what one gets without sparse deltas).
-* `lora`: the project's LoRA recipe (`train.recipes._lora_model`: peft, r=16, alpha=32, every linear layer
+* `lora`: the project's LoRA recipe (`train.recipes.lora_model`: peft, r=16, alpha=32, every linear layer
   of the decoder: q, k, v, o, gate, up, down).
 * `full`: every parameter.
 * `floor`: a reference, not a method: neuron-only training of ONE neuron of layer 0. Its step is
@@ -16,8 +16,8 @@ Methods (same model, same batch, same loss, AdamW, grad-norm clipping at 1.0, as
   numbers): the least any method that trains something in layer 0 must do. Comparing `neuron` and
   `lora` to it shows how much of each step is method-specific work.
 
-The step is the one of `train.recipes.train` (its `_Forward` wrapper, `_GatherBeforeHead` so the lm_head
-only runs at response positions, `_targets`, cross-entropy on response tokens / their count, backward,
+The step is the one of `train.trainer.train` (its `Forward` wrapper, `GatherBeforeHead` so the lm_head
+only runs at response positions, `response_targets`, cross-entropy on response tokens / their count, backward,
 `clip_grad_norm_`, `optimizer.step()`, `zero_grad(set_to_none=True)`), without accelerate (one CPU
 process, where accelerate's `prepare` changes nothing). The batch: `--batch-size` harmful-style prompts
 of the bundled parallel benign set paired with the project's refusal templates (`refusal_examples`,
@@ -72,7 +72,8 @@ class Trainer:
         from neuroshield.models import load_model
         from neuroshield.neurons.neuronset import NeuronSet
         from neuroshield.train.data import collate_examples, encode_examples, refusal_examples
-        from neuroshield.train.recipes import _Forward, _GatherBeforeHead, _lora_model, _targets
+        from neuroshield.train.loop import Forward, GatherBeforeHead, response_targets
+        from neuroshield.train.recipes import lora_model
         from neuroshield.train.sparse import SparseDeltas, dense_masks, freeze, slices_from_neuron_set
 
         self.torch = torch
@@ -88,7 +89,7 @@ class Trainer:
         enc = encode_examples(loaded, ex, args.max_length)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.batch = collate_examples(enc, pad)
-        self.flat, self.target, _ = _targets(self.batch["labels"])
+        self.flat, self.target, _ = response_targets(self.batch["labels"])
         self.n_tokens = float(self.target.numel())
         # --- warm the model, then the baseline RSS -----------------------------------------------------
         with torch.no_grad():
@@ -114,7 +115,7 @@ class Trainer:
         if method in ("neuron", "floor"):
             deltas = SparseDeltas(model, slices_from_neuron_set(loaded, ns), dtype=torch.float32)
             net: nn.Module = model
-            wrapper = _Forward(net, deltas)
+            wrapper = Forward(net, deltas)
             trainable = list(deltas.parameters())
         elif method == "dense":
             slices = slices_from_neuron_set(loaded, ns)
@@ -128,16 +129,16 @@ class Trainer:
                 p.register_hook(lambda grad, _m=mf: grad * _m)
                 trainable.append(p)
             net = model
-            wrapper = _Forward(net)
+            wrapper = Forward(net)
         elif method == "lora":
-            net, _, _ = _lora_model(loaded, args.lora_r, 2 * args.lora_r, None)
-            wrapper = _Forward(net)
+            net, _, _ = lora_model(loaded, args.lora_r, 2 * args.lora_r, None)
+            wrapper = Forward(net)
             trainable = [p for p in wrapper.parameters() if p.requires_grad]
         elif method == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
             net = model
-            wrapper = _Forward(net)
+            wrapper = Forward(net)
             trainable = [p for p in wrapper.parameters() if p.requires_grad]
         else:
             raise ValueError(method)
@@ -145,7 +146,7 @@ class Trainer:
         self.wrapper = wrapper
         self.trainable = trainable
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
-        self.gather = _GatherBeforeHead(model.get_output_embeddings())
+        self.gather = GatherBeforeHead(model.get_output_embeddings())
         wrapper.train()
         self.info.update({
             "method": method,

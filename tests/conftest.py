@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -27,3 +28,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def split_train_args(**flat: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Flat keywords as `train`'s (settings, options, the rest): TrainOptions fields first (lr overrides the
+    recipe's), then TrainConfig fields; harmful and benign stay the prompt records."""
+    import dataclasses
+
+    from neuroshield.settings import TrainConfig, TrainOptions
+
+    options = {f.name for f in dataclasses.fields(TrainOptions)}
+    settings = {f.name for f in dataclasses.fields(TrainConfig)} - options - {"harmful", "benign"}
+    return (TrainConfig(**{k: flat.pop(k) for k in list(flat) if k in settings}),
+            TrainOptions(**{k: flat.pop(k) for k in list(flat) if k in options}), flat)

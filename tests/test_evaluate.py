@@ -272,3 +272,27 @@ def test_same_architecture_other_weights_not_reused(tmp_path, monkeypatch) -> No
     assert ra.model["weights_fingerprint"] != rb.model["weights_fingerprint"]
     again = evaluate(a, suite, out_dir=tmp_path, n_resamples=20, progress=False)
     assert again.timings["cache_misses"] == 0
+
+
+def test_suite_from_sources_is_the_pipelines_held_out_pick() -> None:
+    """`neuroshield evaluate`'s suite picks like the pipeline's evaluation: held-out ids, limit_per_group per
+    language, validation's ids left out; the command defaults to that split."""
+    from neuroshield.config import PipelineConfig
+    from neuroshield.neurons.splits import is_held_out, validation_pick
+    from neuroshield.pipeline import Pipeline
+
+    config = PipelineConfig(languages=["en", "zh"])
+    config.evaluate.harmful_per_language = 3
+    config.validate.per_language = 2
+    validation = {r.id for recs in validation_pick("xsafety", ["en", "zh"], 2).values() for r in recs}
+    suite = EvalSuite.from_sources(harmful=["xsafety"], languages=["en", "zh"], limit=3, exclude_ids=validation)
+    assert all(is_held_out(r.id) for r in suite.harmful) and not {r.id for r in suite.harmful} & validation
+    expected = Pipeline(config).evaluation_harmful()
+    assert [(r.id, r.language) for r in suite.harmful] == [(r.id, r.language) for r in expected]
+    import typer.main
+
+    from neuroshield.cli import app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["evaluate"].params}
+    assert params["split"].default == "held-out"
+    assert params["validation_limit"].default == PipelineConfig().validate.per_language

@@ -321,7 +321,7 @@ def test_cli_identify_and_overlap(tmp_path):
 
 
 def test_cli_data_sources_split_on_commas_but_keep_options():
-    from neuroshield.commands.identify import split_sources
+    from neuroshield.commands.common import split_sources
 
     assert split_sources("xsafety:Insult,Mental_Health,mgsm") == ["xsafety:Insult,Mental_Health", "mgsm"]
     assert split_sources("mgsm,parallel-benign") == ["mgsm", "parallel-benign"]

@@ -11,7 +11,8 @@ from neuroshield.data.records import PromptRecord
 from neuroshield.models.tiny import tiny_model
 from neuroshield.neurons.neuronset import NeuronSet
 from neuroshield.train.patch import PatchError, apply_patch, patch_info, read_patch, revert_patch
-from neuroshield.train.recipes import train
+from neuroshield.settings import TrainConfig, TrainOptions
+from neuroshield.train.trainer import train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,8 +35,9 @@ def trained(tmp_path_factory):
                    meta={"name": "t", "config_hash": loaded.config_hash, "model_id": loaded.model_id})
     harmful = [PromptRecord(f"h/{i}", f"harmful request {i}", "en", "harmful") for i in range(4)]
     benign = [PromptRecord(f"b/{i}", f"benign request {i}", "en", "benign", reference="Sure, here.") for i in range(4)]
-    res = train(loaded, "precise-shield", neuron_set=ns, harmful=harmful, benign=benign, steps=2, batch_size=2,
-                max_length=48, out_dir=out, benign_answers="reference", export=False, progress=False, lr=1e-2)
+    res = train(loaded, "precise-shield", TrainConfig(steps=2, batch_size=2, max_length=48, benign_answers="reference",
+                                                      lr=1e-2), neuron_set=ns, harmful=harmful, benign=benign,
+                out_dir=out, options=TrainOptions(export=False, progress=False))
     return res.patch, {k: v.clone() for k, v in loaded.model.state_dict().items()}, ns
 
 

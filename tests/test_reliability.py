@@ -332,14 +332,16 @@ BENIGN = [PromptRecord(f"b/{i}", f"tell me a fact about cats ({i})", "en", "beni
 
 def _train(loaded, out: Path, **kw):
     from neuroshield.neurons.neuronset import NeuronSet
-    from neuroshield.train.recipes import train
+    from neuroshield.train.trainer import train
+    from conftest import split_train_args
 
     ns = NeuronSet({"0.ffn": torch.tensor([1, 5]), "1.ffn": torch.tensor([7])},
                    meta={"name": "t", "config_hash": loaded.config_hash, "model_id": loaded.model_id})
     args = dict(neuron_set=ns, harmful=HARMFUL, benign=BENIGN, languages=["en"], steps=6, batch_size=2, max_length=64,
                 out_dir=out, checkpoint_every=2, benign_answers="reference", progress=False, export=False)
     args.update(kw)
-    return train(loaded, "precise-shield", **args)
+    settings, options, rest = split_train_args(**args)
+    return train(loaded, "precise-shield", settings, options=options, **rest)
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_one_before_it(tmp_path: Path, one_thread) -> None:

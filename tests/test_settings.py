@@ -23,6 +23,7 @@ from neuroshield.settings import (
     IdentifyConfig,
     PipelineConfig,
     TrainConfig,
+    TrainOptions,
     ValidateConfig,
 )
 
@@ -31,10 +32,12 @@ def _api() -> dict[str, list[Callable[..., Any]]]:
     from neuroshield.evaluate.evaluate import evaluate
     from neuroshield.intervene.validate import validate
     from neuroshield.neurons.identify import identify
-    from neuroshield.train.recipes import prepare_examples, recipe_neuron_set, train
+    from neuroshield.train.recipes import prepare_examples, recipe_neuron_set
+    from neuroshield.train.trainer import train
 
-    return {"identify": [identify], "validate": [validate], "train": [train, recipe_neuron_set, prepare_examples],
-            "evaluate": [evaluate]}
+    # train() takes TrainConfig itself (and TrainOptions): the options' own keywords are compared too
+    return {"identify": [identify], "validate": [validate],
+            "train": [train, recipe_neuron_set, prepare_examples, TrainOptions], "evaluate": [evaluate]}
 
 
 STAGES: dict[str, type] = {"identify": IdentifyConfig, "validate": ValidateConfig, "train": TrainConfig,
@@ -95,7 +98,8 @@ NOT_THE_FIELD: dict[str, dict[str, str]] = {
     "identify": {"api:harmful": "the prompt records, not their sources", "api:benign": "the prompt records"},
     "validate": {"api:benign_guard": "the guard's prompt records, not their count per language"},
     "train": {"api:harmful": "the prompt records, not their sources", "api:benign": "the prompt records",
-              "api:languages": "a filter on the given records (None: keep all); the pipeline passes train.languages"},
+              "api:languages": "prepare_examples: a filter on the given records (None: keep all); train() passes "
+                               "settings.languages"},
 }
 
 # run-wide settings (PipelineConfig) that the commands and the API also take: name -> the run field
@@ -205,6 +209,44 @@ def test_run_wide_defaults_agree() -> None:
                 if not (_same(param.default, value) or name == "high_resource" and param.default == value[0]):
                     wrong.append(f"{fn.__name__}({name}={param.default!r}): run {key} = {value!r}")
     assert not wrong, "\n".join(wrong)
+
+
+# TrainOptions fields that `neuroshield train` has no option for, each with the reason
+OPTIONS_NOT_IN_CLI = {
+    "lora_targets": "the command trains LoRA on every linear layer of the decoder (the API may narrow it)",
+    "delta_dtype": "float32 deltas always (16-bit deltas lose Adam's small steps); API only",
+    "verify_export": "the command always checks the exported model by reloading it",
+    "progress": "the command always shows progress",
+}
+
+
+def test_train_options_defaults_are_the_cli_defaults() -> None:
+    """`neuroshield train` options that set a TrainOptions field default to that field (benign_cache: None is
+    the field's "" = the default place)."""
+    params = _cli_params("train")
+    wrong = []
+    for f in dataclasses.fields(TrainOptions):
+        value = getattr(TrainOptions(), f.name)
+        if f.name in OPTIONS_NOT_IN_CLI:
+            assert f.name not in params, f"TrainOptions.{f.name} is listed as API-only but the command has it"
+            continue
+        if f.name not in params:
+            wrong.append(f"TrainOptions.{f.name}: no option of `neuroshield train` (add one or list it)")
+        elif not _same(params[f.name].default, _as_cli(value)):
+            wrong.append(f"TrainOptions.{f.name} = {value!r}: `neuroshield train --{f.name.replace('_', '-')}` "
+                         f"defaults to {params[f.name].default!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_train_takes_the_settings_object() -> None:
+    """train() has no keyword per setting: it takes TrainConfig (default: the config's defaults) and TrainOptions."""
+    from neuroshield.train.trainer import train
+
+    params = inspect.signature(train).parameters
+    assert params["settings"].default is None and params["options"].default is None
+    records = {"harmful", "benign"}  # the prompt records (NOT_THE_FIELD), not the settings' sources
+    assert not set(params) & ({f.name for f in dataclasses.fields(TrainConfig)} - records)
+    assert len(params) <= 12
 
 
 def test_the_neuron_recipes_learning_rate_is_train_lr() -> None:

@@ -20,13 +20,11 @@ from neuroshield.train.data import (
     self_answer_examples,
 )
 from neuroshield.train.export import ExportError, param_digests, save_merged
-from neuroshield.train.recipes import (
-    _targets,
-    find_set_files,
-    latest_checkpoint,
-    recipe_neuron_set,
-    train,
-)
+from conftest import split_train_args
+from neuroshield.train.checkpoints import latest_checkpoint
+from neuroshield.train.loop import response_targets
+from neuroshield.train.recipes import find_set_files, recipe_neuron_set
+from neuroshield.train.trainer import train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,7 +52,8 @@ def _train(loaded, recipe, out, **kw):
     args = dict(neuron_set=_set(loaded), harmful=HARMFUL, benign=BENIGN, languages=["en"], steps=3, batch_size=2,
                 max_length=64, out_dir=out, checkpoint_every=2, benign_answers="reference", progress=False)
     args.update(kw)
-    return train(loaded, recipe, **args)
+    settings, options, rest = split_train_args(**args)
+    return train(loaded, recipe, settings, options=options, **rest)
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ def test_loss_mask_covers_response_tokens_only():
     n_short = len(encode_example(tok, short, 256).input_ids)
     assert batch["attention_mask"][1, n_short:].sum() == 0 and batch["attention_mask"][1, :n_short].all()
     assert (batch["labels"][1, n_short:] == IGNORE_INDEX).all()  # right padding never counts
-    flat, target, rows = _targets(batch["labels"])
+    flat, target, rows = response_targets(batch["labels"])
     assert len(target) == enc.response_tokens + encode_example(tok, short, 256).response_tokens
     # each target is predicted from the position before it
     width = batch["input_ids"].shape[1]

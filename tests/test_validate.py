@@ -9,7 +9,7 @@ import torch
 
 import neuroshield.intervene.validate as V
 from neuroshield.data.records import PromptRecord
-from neuroshield.intervene.validate import load_validation_prompts, validate
+from neuroshield.intervene.validate import validate
 from neuroshield.models.tiny import tiny_model
 from neuroshield.neurons.neuronset import NeuronSet
 
@@ -163,11 +163,13 @@ def test_mean_mode_and_errors(lm, neuron_set, tmp_path) -> None:
 
 
 def test_validation_prompts_are_the_pipelines_held_out_pick() -> None:
+    """`neuroshield validate` and the pipeline pick through `pick_prompts` with the same split and seed."""
     from neuroshield.config import PipelineConfig
+    from neuroshield.neurons.splits import pick_prompts
     from neuroshield.pipeline import Pipeline
 
     source = "xsafety:Crimes_And_Illegal_Activities"
-    picked = load_validation_prompts(source, ["en", "de"], limit=6)
+    picked = pick_prompts(source, "harmful", ["en", "de"], "held-out", 6)
     pipeline = Pipeline(PipelineConfig()).prompts(source, "harmful", ["en", "de"], "held-out", 6)
     assert [(r.id, r.language) for r in picked] == [(r.id, r.language) for r in pipeline]
     en = {r.id for r in picked if r.language == "en"}

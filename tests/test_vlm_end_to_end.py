@@ -44,7 +44,8 @@ def test_every_stage_takes_image_groups(arch: str, tmp_path: Path) -> None:
     from neuroshield.evaluate.evaluate import EvalSuite, evaluate
     from neuroshield.intervene.validate import validate
     from neuroshield.neurons.identify import identify
-    from neuroshield.train.recipes import train
+    from neuroshield.settings import TrainConfig, TrainOptions
+    from neuroshield.train.trainer import train
 
     lm = tiny_vlm(arch)
     harmful, benign = _records(tmp_path)
@@ -76,9 +77,9 @@ def test_every_stage_takes_image_groups(arch: str, tmp_path: Path) -> None:
     union = sets["ms_en"].union(sets["ms_en_image"])
     union.meta.update({"name": "union", "config_hash": lm.config_hash, "model_id": lm.model_id})
     before = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-    out = train(lm, "precise-shield", neuron_set=union, harmful=harmful, benign=[], languages=["en"], steps=2,
-                batch_size=4, max_length=256, out_dir=tmp_path / "train", benign_answers="reference", lr=0.05,
-                progress=False)
+    settings = TrainConfig(languages=["en"], steps=2, batch_size=4, max_length=256, benign_answers="reference", lr=0.05)
+    out = train(lm, "precise-shield", settings, neuron_set=union, harmful=harmful, benign=[], out_dir=tmp_path / "train",
+                options=TrainOptions(progress=False))
     assert {"en/text/harmful/refusal-template", "en/image/harmful/refusal-template"} <= set(
         out.data["by_language_label_source"])
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in out.losses)

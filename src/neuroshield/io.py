@@ -8,7 +8,8 @@ Every artifact a later step trusts is written here:
 * `atomic_dir`: a folder built under a temporary name and renamed when complete; a failure removes it
   and keeps the previous folder.
 * `read_json`: JSON with an error that names the file and what to do.
-* `fingerprint` (settings, prompt lists) and `records_fingerprint`: the one fingerprint scheme.
+* `fingerprint` (settings, prompt lists), `records_fingerprint` and `weights_fingerprint`: the one fingerprint
+  scheme.
 * `file_digest` / `write_manifest` / `check_manifest`: content digests of a folder's files, written last
   and checked when the folder is read.
 * `OutputError`: a write that failed because the disk is full or read-only, as one message that says
@@ -188,6 +189,18 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """A matplotlib figure written atomically as PNG, then closed (also when writing fails)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fingerprints (of settings and prompt lists) and content digests (of files)
 # --------------------------------------------------------------------------------------------------
@@ -215,6 +228,21 @@ def records_fingerprint(records: Iterable[Any]) -> str:
     image bytes, order-free."""
     return fingerprint(sorted((r.id, r.language, r.modality, r.label, r.text, r.reference or "",
                                image_digest(r.image)) for r in records))
+
+
+def weights_fingerprint(model: Any) -> str:
+    """Fingerprint of a model's weights (`fingerprint` of, per parameter in order: name, shape, float64 sum, L2
+    norm and first 8 values). Two checkpoints of one architecture with other weights (a base model and its
+    fine-tuned merge) differ, so cached generations of one are never taken for the other's."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            rows.append([name, list(p.shape), float(torch.sum(p, dtype=torch.float64)),
+                         float(torch.linalg.vector_norm(p, dtype=torch.float64)), flat[:8].double().tolist()])
+    return fingerprint(rows)
 
 
 def bytes_digest(data: bytes) -> str:
@@ -301,5 +329,5 @@ def check_manifest(folder: str | Path, name: str = MANIFEST, trust_stat: bool = 
 
 __all__ = ["OutputError", "ArtifactError", "disk_errno", "output_error", "raise_output_errors", "atomic_path",
            "atomic_write_bytes", "atomic_write_text", "write_json", "read_json", "atomic_dir", "replace_dir",
-           "fingerprint", "image_digest", "records_fingerprint", "bytes_digest", "file_digest", "folder_files",
+           "save_figure", "fingerprint", "image_digest", "records_fingerprint", "weights_fingerprint", "bytes_digest", "file_digest", "folder_files",
            "digest_entries", "write_manifest", "check_manifest", "MANIFEST"]

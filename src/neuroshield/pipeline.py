@@ -95,19 +95,12 @@ class Pipeline:
                 "config_hash": self._loaded.config_hash, "dtype": dtype, **self._loaded.info}
 
     def prompts(self, source: str, label: str, languages: list[str], split: str, limit: int | None) -> list[PromptRecord]:
-        """Prompts of `source` in `languages` (those it has), `split` by prompt id, `limit` per language."""
-        from neuroshield.data.loaders import DATASETS, load_prompts
-        from neuroshield.neurons.splits import limit_per_group, select_split
+        """Prompts of `source` in `languages` (those it has), `split` by prompt id, `limit` per language: the one
+        picker (`neurons.splits.pick_prompts`) with the run's held-out fraction and seed."""
+        from neuroshield.neurons.splits import pick_prompts
 
-        name = source.split(":", 1)[0]
-        have = set(DATASETS[name].languages) if name in DATASETS else None
-        langs = [lang for lang in languages if have is None or lang in have]
-        if not langs:
-            return []
-        records = load_prompts(source, languages=langs, label=label)
-        records = [r for r in records if r.label == label]
-        records = select_split(records, split, self.config.held_out_fraction, self.config.seed)
-        return limit_per_group(records, limit, self.config.seed)
+        c = self.config
+        return pick_prompts(source, label, languages, split, limit, held_out_fraction=c.held_out_fraction, seed=c.seed)
 
     def harmful(self, languages: list[str], split: str, limit: int | None, source: str = "") -> list[PromptRecord]:
         """Held-in / held-out harmful prompts of `source` (default: the first harmful source of identify), in
@@ -272,13 +265,15 @@ class Pipeline:
 
     def train_recipe(self, recipe: str, out_dir: Path, *, resume: bool = True, export: bool = True,
                      progress: bool = True, loaded: Any = None,
-                     on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[Any, Any]:
+                     on_step: Callable[[int, dict[str, Any]], float | None] | None = None) -> tuple[Any, Any]:
         """Train `recipe` from fresh base weights with the `train` config on `train_data()`; needs identify's
         sets for the neuron recipes. Returns (the trained LoadedModel, its TrainResult). The base model's benign
         answers are cached beside `out_dir` (shared by the recipes). `loaded`: the base model to train in place
         (default: a fresh copy); `on_step(step, record)` runs after each optimizer step with the weights so far
         in effect on `loaded` (the training sweep screens intermediate steps with it)."""
-        from neuroshield.train.recipes import NEURON_RECIPES, recipe_neuron_set, train
+        from neuroshield.settings import TrainOptions
+        from neuroshield.train.recipes import NEURON_RECIPES, recipe_neuron_set
+        from neuroshield.train.trainer import train
 
         c, tc = self.config, self.config.train
         harmful, benign = self.train_data()
@@ -291,14 +286,10 @@ class Pipeline:
                                            trim=tc.trim)
         if on_step is None and tc.select_every > 0:
             on_step = self.step_selector(loaded, harmful + benign, out_dir)
-        result = train(loaded, recipe, neuron_set=neuron_set, harmful=harmful, benign=benign,
-                       languages=tc.languages, steps=tc.steps, lr=tc.lr if recipe in NEURON_RECIPES else None,
-                       batch_size=tc.batch_size, grad_accum=tc.grad_accum, max_length=tc.max_length,
-                       seed=c.seed, out_dir=out_dir, benign_cache=out_dir.parent / BENIGN_CACHE,
-                       benign_answers=tc.benign_answers, benign_max_new_tokens=tc.benign_max_new_tokens,
-                       benign_fraction=tc.benign_fraction, neuron_parts=tc.neuron_parts,
-                       warmup_steps=tc.warmup_steps, resume=resume, export=export, progress=progress,
-                       on_step=on_step)
+        options = TrainOptions(resume=resume, export=export, progress=progress,
+                               benign_cache=str(out_dir.parent / BENIGN_CACHE))
+        result = train(loaded, recipe, tc, harmful=harmful, benign=benign, out_dir=out_dir, neuron_set=neuron_set,
+                       seed=c.seed, options=options, on_step=on_step)
         if tc.select_every > 0 and result is not None and not getattr(result, "interrupted", False):
             plot_selection(out_dir, f"{recipe}: harmful vs exaggerated refusal during training")
         return loaded, result
@@ -419,12 +410,11 @@ class Pipeline:
         """Held-out harmful prompts for evaluation, `harmful_per_language` per language, whose ids no other stage
         uses in any language (identify and training take held-in ids; validation's held-out ids are left out)."""
         c, ec = self.config, self.config.evaluate
-        from neuroshield.neurons.splits import limit_per_group
+        from neuroshield.neurons.splits import evaluation_pick
 
         used = {r.id for recs in self.validation_harmful().values() for r in recs} if c.validate.enabled else set()
-        pool = [r for r in self.prompts(c.identify.harmful[0], "harmful", c.languages, "held-out", None)
-                if r.id not in used]
-        text = limit_per_group(pool, ec.harmful_per_language, c.seed)
+        text = evaluation_pick(c.identify.harmful[0], c.languages, ec.harmful_per_language, exclude_ids=used,
+                               held_out_fraction=c.held_out_fraction, seed=c.seed)
         if "image" not in c.modalities:
             return text
         from neuroshield.data.typography import render_prompt_records
@@ -544,7 +534,7 @@ def plot_selection(recipe_dir: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neuroshield.io import atomic_path
+    from neuroshield.io import save_figure
 
     best = max(pts, key=lambda p: (p[3] if p[3] is not None else float("-inf"), -p[0]))
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -563,10 +553,6 @@ def plot_selection(recipe_dir: Path, title: str) -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = recipe_dir / "selection.png"
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
     return path
 

@@ -1,9 +1,9 @@
 """The settings of each stage: one dataclass per stage, the single source of every default.
 
 The pipeline reads them from YAML (`neuroshield.config.load_config`); the Python API functions
-(`neurons.identify.identify`, `intervene.validate.validate`, `train.recipes.train`, `evaluate.evaluate.evaluate`)
-and the CLI commands take their keyword and option defaults from them, and `tests/test_settings.py` fails when one
-differs. This module imports nothing from the package, so every stage can import it.
+(`neurons.identify.identify`, `intervene.validate.validate`, `evaluate.evaluate.evaluate`) and the CLI commands
+take their keyword and option defaults from them (`train.trainer.train` takes `TrainConfig` itself, with
+`TrainOptions`), and `tests/test_settings.py` fails when one differs. This module imports nothing from the package, so every stage can import it.
 """
 
 from __future__ import annotations
@@ -85,6 +85,29 @@ class TrainConfig:
     select_every: int = 0
     monitor_per_language: int = 4  # harmful and contrast prompts per language for the selection
     select_tolerance: float = 0.05
+
+
+@dataclass
+class TrainOptions:
+    """How one training run executes beyond its `TrainConfig`: the Python API (`train.trainer.train`) and
+    `neuroshield train` take these; the pipeline trains with these defaults (its config has no such keys)."""
+
+    lr: float | None = None  # None: train.lr for the neuron recipes, the recipe's own for lora and full (2e-4, 1e-5)
+    weight_decay: float = 0.0  # AdamW, on the trainable tensors only
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    use_references: bool = False  # harmful records with a reference refusal train on it
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=list)  # [] = every linear layer of the decoder
+    delta_dtype: str = "float32"  # the neuron recipes' trainable deltas
+    checkpoint_every: int = 20
+    resume: bool = True  # from the newest checkpoint of the same setup in out_dir
+    export: bool = True  # the merged model to out_dir/model
+    verify_export: bool = True  # reload the exported model and compare its logits
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
+    benign_cache: str = ""  # the base model's benign answers ("" = out_dir/benign_answers.jsonl)
+    progress: bool = True
 
 
 @dataclass

@@ -43,6 +43,25 @@ def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def split_sources(value: str) -> list[str]:
+    """Comma-separated data sources; `xsafety:Insult,Mental_Health` keeps its option's commas.
+
+    A piece that is not a registered name, `name:option` or an existing file is taken as one more item of the
+    previous source's option (when that source has one).
+    """
+    from neuroshield.data.loaders import DATASETS
+
+    out: list[str] = []
+    for piece in split_list(value) or []:
+        is_source = (piece in DATASETS or ":" in piece or Path(piece).expanduser().exists()
+                     or "/" in piece or piece.endswith((".csv", ".tsv", ".jsonl", ".json", ".txt", ".xlsx")))
+        if not is_source and out and ":" in out[-1]:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def with_images(records: list[Any], images: Path | None) -> list[Any]:
     """`records` plus FigStep-style typographic versions of their harmful text prompts, rendered into `images`
     (option `--images DIR`; same ids, so splits agree; needs a vision-language model downstream)."""

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 
-from neuroshield.commands.common import IMAGES_HELP, split_list, user_errors, with_images
-from neuroshield.settings import EvaluateConfig, PipelineConfig, joined
+from neuroshield.commands.common import IMAGES_HELP, split_list, split_sources, user_errors, with_images
+from neuroshield.settings import EvaluateConfig, IdentifyConfig, PipelineConfig, ValidateConfig, joined
 
 # the option defaults are the pipeline's settings (tests/test_settings.py fails when one differs); a count of 0
 # there turns a part off: the contrast set and the capability tasks are then not in the defaults
-EC, RUN = EvaluateConfig(), PipelineConfig()
+EC, RUN, VC = EvaluateConfig(), PipelineConfig(), ValidateConfig()
 CAPABILITY = joined([task for task in ("mgsm", "xcopa") if getattr(EC, f"{task}_per_language")]) or ""
 
 
@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
     def evaluate_cmd(
         model: str = typer.Option(RUN.model, "--model", "-m", help="default | smollm2 | .gguf | folder | Hub id"),
         patch: Path | None = typer.Option(None, help="Safety patch (.safetensors) to apply for the evaluation."),
-        harmful: str = typer.Option("xsafety", help="Harmful sets, comma-separated (names or files); '' for none."),
+        harmful: str = typer.Option(joined(IdentifyConfig().harmful[:1]), help="Harmful sets, comma-separated "
+                                    "(names or files); '' for none."),
         benign: str = typer.Option(joined(EC.benign) or "", help="Benign sets for over-refusal; '' for none."),
         contrast: str = typer.Option("contrast:eval" if EC.contrast_per_language else "", help="Contrast sets (safe requests that sound dangerous) for the "
                                               "exaggerated-safety refusal, e.g. contrast:eval; '' for none."),
@@ -38,6 +39,13 @@ def register(app: typer.Typer) -> None:
                                               "(default: --limit)."),
         xcopa_limit: int | None = typer.Option(EC.xcopa_per_language or None, help="XCOPA items per language "
                                                "(default: --limit)."),
+        split: str = typer.Option("held-out", help="held-out (default: ids no identification or training used) | "
+                                  "held-in | all: the prompt-id split, as in the pipeline (XCOPA: every id)."),
+        held_out_fraction: float = typer.Option(RUN.held_out_fraction, help="Share of ids held out."),
+        split_seed: int = typer.Option(RUN.seed, help="Seed of the id split and of the pick per language."),
+        validation_limit: int = typer.Option(VC.per_language if VC.enabled else 0, help="Leave out the harmful ids "
+                                             "`neuroshield validate` picks (this many per language, held-out), as "
+                                             "the pipeline's evaluation does (validate.per_language; 0: keep them)."),
         judge: str = typer.Option(EC.judge, help="refusal-phrase | logprob | path to a classifier/guard folder."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (eval.json, eval.csv, generations cache)."),
         tag: str | None = typer.Option(None, help="Name of this evaluation in reports (default: base / patch name)."),
@@ -58,11 +66,21 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             start = time.perf_counter()
+            langs = split_list(languages)
+            sources = split_sources(harmful)
+            exclude: set[str] = set()
+            if validation_limit and split == "held-out":
+                from neuroshield.neurons.splits import validation_pick
+
+                exclude = {r.id for s in sources for recs in validation_pick(
+                    s, langs, validation_limit, held_out_fraction=held_out_fraction, seed=split_seed).values()
+                    for r in recs}
             suite = EvalSuite.from_sources(
-                harmful=split_list(harmful) or [], benign=split_list(benign) or [], contrast=split_list(contrast) or [],
-                capability=split_list(capability) or [], languages=split_list(languages), limit=limit,
+                harmful=sources, benign=split_sources(benign), contrast=split_sources(contrast),
+                capability=split_list(capability) or [], languages=langs, limit=limit,
                 benign_limit=benign_limit, mgsm_limit=mgsm_limit, xcopa_limit=xcopa_limit,
                 mgsm_languages=split_list(mgsm_languages), xcopa_languages=split_list(xcopa_languages),
+                split=split, held_out_fraction=held_out_fraction, seed=split_seed, exclude_ids=exclude,
             )
             suite.harmful = with_images(suite.harmful, images)
             typer.echo(f"suite: {len(suite.harmful)} harmful, {len(suite.benign)} benign, {len(suite.contrast)} "

@@ -2,68 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import typer
 
-from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, user_errors, with_images
+from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, split_sources, user_errors, with_images
 from neuroshield.settings import IdentifyConfig, PipelineConfig, joined
-
-log = logging.getLogger(__name__)
 
 # the option defaults are the pipeline's settings (tests/test_settings.py fails when one differs)
 IC, RUN = IdentifyConfig(), PipelineConfig()
-
-PARALLEL_BENIGN = "parallel-benign"
-
-
-def split_sources(value: str) -> list[str]:
-    """Comma-separated data sources; `xsafety:Insult,Mental_Health` keeps its option's commas.
-
-    A piece that is not a registered name, `name:option`, `parallel-benign` or an existing file is
-    taken as one more item of the previous source's option (when that source has one).
-    """
-    from neuroshield.data.loaders import DATASETS
-
-    out: list[str] = []
-    for piece in split_list(value) or []:
-        is_source = (piece in DATASETS or piece == PARALLEL_BENIGN or ":" in piece or Path(piece).expanduser().exists()
-                     or "/" in piece or piece.endswith((".csv", ".tsv", ".jsonl", ".json", ".txt", ".xlsx")))
-        if not is_source and out and ":" in out[-1]:
-            out[-1] += "," + piece
-        else:
-            out.append(piece)
-    return out
-
-
-def load_sources(sources: Sequence[str], languages: Sequence[str], label: str, argument: str) -> list:
-    """Records of `label` in `languages` from each source; a registered set is asked only for the
-    languages it has, so e.g. `mgsm,parallel-benign` covers languages MGSM lacks."""
-    from neuroshield.data.loaders import DATASETS, load_prompts
-
-    records = []
-    for src in sources:
-        if src == PARALLEL_BENIGN:
-            try:
-                from neuroshield.data.templates import SUPPORTED_LANGUAGES, load_parallel_benign
-            except ImportError:
-                raise ValueError(f"{argument}: the parallel benign set is not available in this build") from None
-            langs = [lang for lang in languages if lang in SUPPORTED_LANGUAGES]
-            records += [r for r in load_parallel_benign(langs) if r.label == label] if langs else []
-            continue
-        name = src.split(":", 1)[0]
-        if src in DATASETS or (name in DATASETS and ":" in src):
-            langs = [lang for lang in languages if lang in DATASETS[name].languages]
-            if not langs:
-                log.warning("%s: %s has none of the languages %s; skipped", argument, src, ", ".join(languages))
-                continue
-            records += load_prompts(src, languages=langs, label=label)
-        else:
-            recs = load_prompts(src, label=label)
-            records += [r for r in recs if r.language in set(languages)]
-    return records
 
 
 def register(app: typer.Typer) -> None:
@@ -99,25 +46,20 @@ def register(app: typer.Typer) -> None:
         """Find monolingual (MS) and shared (SS) safety neurons per language."""
         from neuroshield.models import load_model
         from neuroshield.neurons.identify import identify
-        from neuroshield.neurons.splits import limit_per_group, select_split
+        from neuroshield.neurons.splits import pick_prompts
 
         with user_errors():
             langs = split_list(languages) or []
-            n_all = 0
 
-            def pick(sources: str, label: str, argument: str) -> list:
-                nonlocal n_all
-                picked = []
-                for source in split_sources(sources):  # --limit per source, as the pipeline's per_language
-                    records = load_sources([source], langs, label, argument)
-                    n_all += len(records)
-                    picked += limit_per_group(select_split(records, split, held_out_fraction, split_seed), limit)
-                return picked
+            def pick(sources: str, label: str) -> list:
+                return [r for source in split_sources(sources)  # --limit per source, as the pipeline's per_language
+                        for r in pick_prompts(source, label, langs, split, limit, held_out_fraction=held_out_fraction,
+                                              seed=split_seed)]
 
-            harm = with_images(pick(harmful, "harmful", "--harmful"), images)
-            ben = pick(benign, "benign", "--benign")
-            typer.echo(f"prompts: {len(harm)} harmful + {len(ben)} benign of {n_all} ({split} split, --limit {limit} "
-                       "per source)", err=True)
+            harm = with_images(pick(harmful, "harmful"), images)
+            ben = pick(benign, "benign")
+            typer.echo(f"prompts: {len(harm)} harmful + {len(ben)} benign ({split} split, --limit {limit} per "
+                       "source and language)", err=True)
             loaded = load_model(model, dtype=dtype)
             res = identify(
                 loaded, harm, ben, languages=langs, method=split_list(method) or IC.methods, rho=rho,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, user_errors, with_images
-from neuroshield.settings import BENIGN_CACHE, IdentifyConfig, PipelineConfig, TrainConfig, joined
+from neuroshield.commands.common import IMAGES_HELP, print_json, split_list, split_sources, user_errors, with_images
+from neuroshield.settings import BENIGN_CACHE, IdentifyConfig, PipelineConfig, TrainConfig, TrainOptions, joined
 
 # the option defaults are the pipeline's settings (tests/test_settings.py fails when one differs)
-TC, RUN = TrainConfig(), PipelineConfig()
+TC, TO, RUN = TrainConfig(), TrainOptions(), PipelineConfig()
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         split_seed: int = typer.Option(RUN.seed, help="Seed of the held-in/held-out split."),
         harmful_limit: int = typer.Option(TC.per_language, help="At most this many harmful prompts per language "
                                           "and source (train.per_language)."),
-        use_references: bool = typer.Option(False, help="Harmful records with a reference refusal use it."),
+        use_references: bool = typer.Option(TO.use_references, help="Harmful records with a reference refusal use it."),
         benign: str = typer.Option(joined(TC.benign) or "", help="Benign prompts: data set names or files, "
                                    "comma-separated ('' for none)."),
         benign_split: str = typer.Option("held-in", help="held-in | held-out | all: the benign prompts' id split "
@@ -55,35 +55,34 @@ def register(app: typer.Typer) -> None:
                                                   "benign answers."),
         benign_fraction: float = typer.Option(TC.benign_fraction, help="Share of benign examples in every batch."),
         steps: int = typer.Option(TC.steps, help="Optimizer steps."),
-        lr: float = typer.Option(None, help="Learning rate (default per recipe: train.lr for the neuron recipes, "
+        lr: float = typer.Option(TO.lr, help="Learning rate (default per recipe: train.lr for the neuron recipes, "
                                  "see docs/training.md)."),
         batch_size: int = typer.Option(TC.batch_size, help="Examples per micro-batch and process."),
         grad_accum: int = typer.Option(TC.grad_accum, help="Micro-batches per optimizer step."),
         max_length: int = typer.Option(TC.max_length, help="Tokens per example (prompt + response)."),
         seed: int = typer.Option(RUN.seed, help="Seed of the data order and of the random control."),
-        weight_decay: float = typer.Option(0.0, help="AdamW weight decay (on the trainable tensors only)."),
-        max_grad_norm: float = typer.Option(1.0, help="Gradient clipping (0: off)."),
+        weight_decay: float = typer.Option(TO.weight_decay, help="AdamW weight decay (on the trainable tensors only)."),
+        max_grad_norm: float = typer.Option(TO.max_grad_norm, help="Gradient clipping (0: off)."),
         warmup_steps: int = typer.Option(TC.warmup_steps, help="Linear warm-up steps."),
         parts: str = typer.Option(TC.neuron_parts, help="Neuron recipes: all (gate/up rows and down column of each FFN "
                                   "neuron) | output (the down column only: the neuron fires as before)."),
-        lora_r: int = typer.Option(16, help="LoRA rank."),
-        lora_alpha: int = typer.Option(32, help="LoRA alpha."),
+        lora_r: int = typer.Option(TO.lora_r, help="LoRA rank."),
+        lora_alpha: int = typer.Option(TO.lora_alpha, help="LoRA alpha."),
         dtype: str = typer.Option(None, help="auto (default: bfloat16 where the CPU/GPU has native bf16 matmul) | float32 | bfloat16 | float16"),
         images: Path | None = typer.Option(None, "--images", help=IMAGES_HELP),
-        mixed_precision: str = typer.Option("no", help="accelerate mixed precision: no | bf16 | fp16"),
-        gradient_checkpointing: bool = typer.Option(False, help="Recompute activations (less memory)."),
+        mixed_precision: str = typer.Option(TO.mixed_precision, help="accelerate mixed precision: no | bf16 | fp16"),
+        gradient_checkpointing: bool = typer.Option(TO.gradient_checkpointing, help="Recompute activations (less memory)."),
         out: Path = typer.Option(..., "--out", help="Run folder of this training."),
-        checkpoint_every: int = typer.Option(20, help="Write a checkpoint every N steps."),
-        resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the latest checkpoint."),
-        export: bool = typer.Option(True, "--export/--no-export", help="Write the merged checkpoint to <out>/model."),
+        checkpoint_every: int = typer.Option(TO.checkpoint_every, help="Write a checkpoint every N steps."),
+        resume: bool = typer.Option(TO.resume, "--resume/--no-resume", help="Resume from the latest checkpoint."),
+        export: bool = typer.Option(TO.export, "--export/--no-export", help="Write the merged checkpoint to <out>/model."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Train only the safety neurons (or a LoRA / full baseline); write checkpoint, patch and summary."""
-        from neuroshield.commands.identify import split_sources
-        from neuroshield.data.loaders import load_prompts
         from neuroshield.models import load_model
-        from neuroshield.neurons.splits import limit_per_group, select_split
-        from neuroshield.train.recipes import NEURON_RECIPES, RECIPES, recipe_neuron_set, train
+        from neuroshield.neurons.splits import pick_prompts
+        from neuroshield.train.recipes import NEURON_RECIPES, RECIPES, recipe_neuron_set
+        from neuroshield.train.trainer import train
 
         with user_errors():
             if recipe not in RECIPES:
@@ -91,31 +90,36 @@ def register(app: typer.Typer) -> None:
             if recipe in NEURON_RECIPES and not set_path:
                 raise ValueError(f"--recipe {recipe} needs --set (a neuron set file or a folder of ms_<lang> sets)")
             langs = split_list(languages)
+            settings = TrainConfig(
+                set_languages=split_list(set_languages) or [], languages=langs or [], per_language=harmful_limit,
+                harmful=split_sources(harmful), benign=split_sources(benign),
+                benign_languages=split_list(benign_languages) or [], benign_count=benign_limit,
+                benign_fraction=benign_fraction, benign_answers=benign_answers,
+                benign_max_new_tokens=benign_max_new_tokens, steps=steps, warmup_steps=warmup_steps,
+                batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, budget=budget, trim=trim,
+                neuron_parts=parts)
+            options = TrainOptions(
+                lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, use_references=use_references,
+                lora_r=lora_r, lora_alpha=lora_alpha, checkpoint_every=checkpoint_every, resume=resume, export=export,
+                gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+                benign_cache=str(Path(benign_cache) if benign_cache else out.parent / BENIGN_CACHE))
             loaded = load_model(model, dtype=dtype)
-            harm = []
-            for source in split_sources(harmful):  # the limit per source and language, as the pipeline's
-                got = load_prompts(source, languages=langs, label="harmful")
-                harm += limit_per_group(select_split(got, harmful_split, held_out_fraction, split_seed), harmful_limit)
-            harm = with_images(harm, images)
-            ben = []
-            for source in split_sources(benign):
-                got = load_prompts(source, languages=split_list(benign_languages), label="benign")
-                ben += limit_per_group(select_split(got, benign_split, held_out_fraction, split_seed), benign_limit)
+
+            def pick(sources: list[str], label: str, languages: list[str] | None, split: str, limit: int) -> list:
+                # the limit per source and language, as the pipeline's
+                return [r for source in sources for r in pick_prompts(source, label, languages, split, limit,
+                                                                      held_out_fraction=held_out_fraction,
+                                                                      seed=split_seed)]
+
+            harm = with_images(pick(settings.harmful, "harmful", langs, harmful_split, harmful_limit), images)
+            ben = pick(settings.benign, "benign", split_list(benign_languages), benign_split, benign_limit)
             ns = None
             if recipe in NEURON_RECIPES:
-                ns = recipe_neuron_set(recipe, loaded, set_path, set_languages=split_list(set_languages),
+                ns = recipe_neuron_set(recipe, loaded, set_path, set_languages=settings.set_languages,
                                        modalities=split_list(modalities) or ["text"], high_resource=high_resource,
                                        budget=budget, like=like, seed=seed, trim=trim)
-            cache = Path(benign_cache) if benign_cache else out.parent / BENIGN_CACHE
-            result = train(
-                loaded, recipe, neuron_set=ns, harmful=harm, benign=ben, languages=langs, steps=steps, lr=lr,
-                batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, out_dir=out,
-                checkpoint_every=checkpoint_every, resume=resume, weight_decay=weight_decay,
-                max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, benign_fraction=benign_fraction,
-                benign_answers=benign_answers, benign_cache=cache, benign_max_new_tokens=benign_max_new_tokens,
-                use_references=use_references, lora_r=lora_r, lora_alpha=lora_alpha, export=export, neuron_parts=parts,
-                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-            )
+            result = train(loaded, recipe, settings, harmful=harm, benign=ben, out_dir=out, neuron_set=ns, seed=seed,
+                           options=options)
         summary = result.to_dict()
         summary.pop("losses", None)
         if as_json:
@@ -136,6 +140,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"model         {result.model_dir}")
         typer.echo(f"summary       {Path(result.out_dir) / 'summary.json'}")
 
+    _register_patch(app)
+
+
+def _register_patch(app: typer.Typer) -> None:
+    """`neuroshield patch apply|revert|info`."""
     patch = typer.Typer(help="Safety patches: apply, revert, inspect.", no_args_is_help=True)
     app.add_typer(patch, name="patch")
 

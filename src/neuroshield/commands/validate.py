@@ -49,26 +49,24 @@ def register(app: typer.Typer) -> None:
         import time
 
         from neuroshield.intervene.interventions import parse_mode
-        from neuroshield.intervene.validate import load_validation_prompts, validate
+        from neuroshield.intervene.validate import validate
         from neuroshield.models import load_model
         from neuroshield.neurons.neuronset import NeuronSet
+        from neuroshield.neurons.splits import pick_prompts
 
         with user_errors():
             start = time.perf_counter()
             parsed = parse_mode(mode, argument="--mode")
             langs = split_list(languages)
-            records = load_validation_prompts(prompts, langs, label=label, split=split,
-                                              held_out_fraction=held_out_fraction, split_seed=split_seed, limit=limit)
+            records = pick_prompts(prompts, label, langs, split, limit, held_out_fraction=held_out_fraction,
+                                   seed=split_seed)
             if not records:
                 raise ValueError(f"--prompts {prompts}: no prompts left after --languages/--split/--limit")
             records = with_images(records, images)
             guard = None
             if benign:
-                guard = load_validation_prompts(benign, langs or sorted({r.language for r in records}), label=None,
-                                                split=split, held_out_fraction=held_out_fraction,
-                                                split_seed=split_seed,
-                                                limit=benign_limit,
-                                                skip_missing_languages=True) or None
+                guard = pick_prompts(benign, None, langs or sorted({r.language for r in records}), split, benign_limit,
+                                     held_out_fraction=held_out_fraction, seed=split_seed) or None
             loaded = load_model(model, dtype=dtype)
             neuron_set = NeuronSet.load(set_path, loaded)
             act_stats = None

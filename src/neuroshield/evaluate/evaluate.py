@@ -36,9 +36,9 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from neuroshield.evaluate.metrics import (
 )
 from neuroshield.evaluate.metrics import ROLES as SAFETY_ROLES
 from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses, result_verdict
-from neuroshield.io import atomic_path, atomic_write_text
+from neuroshield.io import atomic_path, atomic_write_text, bytes_digest, weights_fingerprint
 from neuroshield.models.loading import dtype_name
 from neuroshield.settings import EvaluateConfig, PipelineConfig
 
@@ -112,34 +112,42 @@ class EvalSuite:
     @classmethod
     def from_sources(
         cls, *, harmful: Sequence[str] = (), benign: Sequence[str] = (), contrast: Sequence[str] = (),
-        capability: Sequence[str] = (),
-        languages: Sequence[str] | None = None, limit: int | None = None, benign_limit: int | None = None,
-        mgsm_limit: int | None = None, xcopa_limit: int | None = None, mgsm_languages: Sequence[str] | None = None,
-        xcopa_languages: Sequence[str] | None = None, root: str | Path | None = None,
+        capability: Sequence[str] = (), languages: Sequence[str] | None = None, limit: int | None = None,
+        benign_limit: int | None = None, mgsm_limit: int | None = None, xcopa_limit: int | None = None,
+        mgsm_languages: Sequence[str] | None = None, xcopa_languages: Sequence[str] | None = None,
+        split: str = "held-out", held_out_fraction: float = 0.5, seed: int = 0, exclude_ids: Collection[str] = (),
     ) -> EvalSuite:
-        """Load the named data sets (registered names, `name:option`, `parallel-benign`, or file paths).
+        """Pick the named data sets' prompts (registered names, `name:option`, or file paths) as the pipeline's
+        evaluation does (`neurons.splits.pick_prompts`): the `split` ids (held-out: never identified or trained
+        on), `limit_per_group` per language; harmful ids in `exclude_ids` (validation's) are left out.
 
         `languages` applies to every set, intersected with the languages each set has (a set with none
-        of them is skipped with a warning); `mgsm_languages` / `xcopa_languages` override it for
-        capability. Limits are per language: `limit` for every set unless a specific one is given
-        (`benign_limit` also limits the contrast sets). Contrast sets keep their benign records only (the
-        safe requests that sound dangerous).
+        of them is skipped); `mgsm_languages` / `xcopa_languages` override it for capability. Limits are per
+        language: `limit` for every set unless a specific one is given (`benign_limit` also limits the contrast
+        sets). XCOPA items come from every id (no stage trains on them). Contrast sets keep their benign records
+        only (the safe requests that sound dangerous).
         """
+        from neuroshield.neurons.splits import evaluation_pick, pick_prompts
+
         def lim(x: int | None) -> int | None:
             return x if x is not None else limit
 
-        h = [r for s in harmful for r in _load_set(s, languages, "harmful", limit, root)]
-        b = [r for s in benign for r in _load_set(s, languages, "benign", lim(benign_limit), root)]
-        c = [r for s in contrast for r in _load_set(s, languages, "benign", lim(benign_limit), root)]
+        def pick(source: str, label: str, langs: Sequence[str] | None, n: int | None, part: str = split) -> list:
+            return pick_prompts(source, label, langs, part, n, held_out_fraction=held_out_fraction, seed=seed)
+
+        h = [r for s in harmful for r in evaluation_pick(s, languages, limit, split=split, exclude_ids=exclude_ids,
+                                                         held_out_fraction=held_out_fraction, seed=seed)]
+        b = [r for s in benign for r in pick(s, "benign", languages, lim(benign_limit))]
+        c = [r for s in contrast for r in pick(s, "benign", languages, lim(benign_limit))]
         mg: list[PromptRecord] = []
         xc: list[PromptRecord] = []
         for task in capability:
             t = task.strip().lower()
             if t.split(":")[0] == "mgsm":
-                mg += _load_set(task, mgsm_languages if mgsm_languages is not None else languages, None, lim(mgsm_limit), root)
+                mg += pick(task, "benign", mgsm_languages if mgsm_languages is not None else languages, lim(mgsm_limit))
             elif t.split(":")[0] == "xcopa":
-                xc += _load_set(task, xcopa_languages if xcopa_languages is not None else languages, None,
-                                lim(xcopa_limit), root)
+                xc += pick(task, "benign", xcopa_languages if xcopa_languages is not None else languages,
+                           lim(xcopa_limit), "all")
             else:
                 raise ValueError(f"unknown capability task {task!r}: use mgsm and/or xcopa")
         return cls(h, b, c, mg, xc, {"harmful": list(harmful), "benign": list(benign), "contrast": list(contrast),
@@ -160,53 +168,6 @@ class EvalSuite:
             out[role] = {"n": len(recs), "by_language_modality": counts, "sha256": h.hexdigest()[:16],
                          "datasets": sorted({r.source for r in recs if r.source})}
         return out
-
-
-def _load_set(source: str, languages: Sequence[str] | None, label: str | None, limit: int | None,
-              root: str | Path | None) -> list[PromptRecord]:
-    from neuroshield.data.loaders import DATASETS, load_prompts
-
-    source = source.strip()
-    name = source.split(":")[0]
-    if name == "parallel-benign":
-        return _parallel_benign(languages, limit)
-    langs: list[str] | None = list(languages) if languages else None
-    if langs is not None and name in DATASETS:
-        have = DATASETS[name].languages
-        keep = [lang for lang in langs if lang in have]
-        if not keep:
-            warnings.warn(f"{source}: none of the languages {', '.join(langs)} is in this data set "
-                          f"(it has {', '.join(have)}); skipped", EvaluationWarning, stacklevel=3)
-            return []
-        langs = keep
-    records = load_prompts(source, languages=langs, label=label, limit=limit, root=root)
-    if langs is not None and name not in DATASETS:
-        records = [r for r in records if r.language in set(langs)]
-    return records
-
-
-def _parallel_benign(languages: Sequence[str] | None, limit: int | None) -> list[PromptRecord]:
-    """The project's parallel benign set (`neuroshield.data.templates.load_parallel_benign`), in the
-    requested languages it supports (others are skipped with a warning)."""
-    from neuroshield.data.templates import SUPPORTED_LANGUAGES, load_parallel_benign
-
-    langs = list(SUPPORTED_LANGUAGES) if not languages else [x for x in languages if x in SUPPORTED_LANGUAGES]
-    missing = [x for x in (languages or []) if x not in SUPPORTED_LANGUAGES]
-    if missing:
-        warnings.warn(f"parallel-benign has no prompts in {', '.join(missing)}; those languages are skipped",
-                      EvaluationWarning, stacklevel=3)
-    if not langs:
-        return []
-    records = load_parallel_benign(langs)
-    if limit is not None:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in records:
-            if seen.get(r.language, 0) < limit:
-                kept.append(r)
-                seen[r.language] = seen.get(r.language, 0) + 1
-        records = kept
-    return records
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,24 +281,7 @@ class EvalResult:
 
 
 def _sha(text: str, n: int = 16) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
-
-
-def weights_fingerprint(model: Any) -> str:
-    """A cheap identity of a model's weights: per parameter its name, shape, sum and L2 norm (float64).
-
-    Two checkpoints with the same architecture (same config hash) but different weights, e.g. a base
-    model and its fine-tuned merge, get different fingerprints, so their generations never mix.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            total = float(torch.sum(p, dtype=torch.float64))
-            norm = float(torch.linalg.vector_norm(p, dtype=torch.float64))
-            h.update(f"{name}:{tuple(p.shape)}:{total:.17g}:{norm:.17g}\n".encode())
-    return h.hexdigest()[:16]
+    return bytes_digest(text.encode("utf-8"))[:n]
 
 
 class GenerationCache:
@@ -510,6 +454,155 @@ def patch_tag(patch: str | Path | None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+class _CachedWork:
+    """The generations and per-item values of one evaluation, through the cache (written batch by batch, so an
+    interrupted evaluation resumes), behind one progress bar."""
+
+    def __init__(self, loaded: Any, cache: GenerationCache, *, model_hash: str, patch_hash: str, chunk: int,
+                 batch_size: int, system: str | None, backend: str, progress: bool) -> None:
+        self.loaded, self.cache, self.model_hash, self.patch_hash = loaded, cache, model_hash, patch_hash
+        self.chunk, self.batch_size, self.system, self.backend = chunk, batch_size, system, backend
+        self._generator: GenerateFn | None = None
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0, desc="evaluate", unit="item")
+
+    def generator(self) -> GenerateFn:
+        if self._generator is None:
+            self._generator = (_vllm_generator(self.loaded, self.system) if self.backend == "vllm"
+                               else _hf_generator(self.loaded, self.batch_size, self.system))
+        return self._generator
+
+    def _cached(self, records: list[PromptRecord], task: str, settings: str, field_name: str
+                ) -> tuple[list[str], list[Any], list[int]]:
+        """(cache keys, cached values or None, indices still to do); the progress bar counts the cached ones."""
+        keys = [GenerationCache.key(self.model_hash, self.patch_hash, task, r, r.text, settings) for r in records]
+        values: list[Any] = []
+        for k in keys:
+            e = self.cache.get(k)
+            values.append(e[field_name] if e is not None else None)
+        todo = [i for i, v in enumerate(values) if v is None]
+        if self.bar is not None:
+            self.bar.total += len(records)
+            self.bar.update(len(records) - len(todo))
+            self.bar.set_postfix_str(task)
+        return keys, values, todo
+
+    def _entry(self, key: str, task: str, r: PromptRecord, settings: str, field_name: str, value: Any) -> dict:
+        return {"key": key, "task": task, "id": r.id, "language": r.language, "modality": r.modality,
+                "model": self.model_hash, "patch": self.patch_hash, "settings": settings, field_name: value}
+
+    def generate(self, records: list[PromptRecord], task: str, max_new: int) -> list[str]:
+        """Greedy responses to `records`, generated where the cache has none."""
+        settings = f"gen:greedy:max{max_new}:sys{_sha(self.system or '')}:{self.backend}"
+        keys, responses, todo = self._cached(records, task, settings, "response")
+        for s in range(0, len(todo), self.chunk):
+            idx = todo[s: s + self.chunk]
+
+            def on_batch(local: list[int], texts: list[str], idx: list[int] = idx) -> None:
+                entries = []
+                for j, o in zip(local, texts):
+                    i = idx[j]
+                    responses[i] = o
+                    entries.append(self._entry(keys[i], task, records[i], settings, "response", o))
+                self.cache.put(entries)  # written as soon as the batch is done: an interrupted run resumes here
+                if self.bar is not None:
+                    self.bar.update(len(local))
+
+            self.generator()([records[i] for i in idx], max_new, on_batch)
+            missing = [records[i].id for i in idx if responses[i] is None]
+            if missing:
+                raise RuntimeError(f"the generator returned no response for {len(missing)} prompt(s), e.g. {missing[0]}")
+        return [r if r is not None else "" for r in responses]
+
+    def values(self, records: list[PromptRecord], task: str, settings: str,
+               compute: Callable[[list[PromptRecord]], list[Any]]) -> list[Any]:
+        """`compute(records)` per record, computed where the cache has none."""
+        keys, values, todo = self._cached(records, task, settings, "value")
+        for s in range(0, len(todo), self.chunk):
+            idx = todo[s: s + self.chunk]
+            got = compute([records[i] for i in idx])
+            entries = []
+            for i, v in zip(idx, got):
+                values[i] = v
+                entries.append(self._entry(keys[i], task, records[i], settings, "value", v))
+            self.cache.put(entries)
+            if self.bar is not None:
+                self.bar.update(len(idx))
+        return values
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _usable(loaded: Any, records: Sequence[PromptRecord], role: str, skipped: list[dict[str, str]]
+            ) -> list[PromptRecord]:
+    """`records` without the image prompts a text-only model cannot take (those are listed in `skipped`)."""
+    multimodal = getattr(loaded, "processor", None) is not None
+    keep = []
+    images = []
+    for r in records:
+        if r.modality == "image" and not multimodal:
+            images.append(r)
+            skipped.append({"id": r.id, "language": r.language, "modality": r.modality, "role": role,
+                            "reason": "image prompt on a text-only model"})
+        else:
+            keep.append(r)
+    if images:
+        msg = (f"{len(images)} {role} image prompt(s) skipped: {loaded.model_id} is a text-only model "
+               "(image evaluation needs a vision-language model)")
+        warnings.warn(msg, EvaluationWarning, stacklevel=3)
+        log.warning(msg)
+    return keep
+
+
+def _safety_role(work: _CachedWork, judge_obj: Any, records: list[PromptRecord], role: str, max_new_tokens: int
+                 ) -> tuple[list[Verdict], list[dict[str, Any]]]:
+    """Verdicts and item rows of one safety role: the judge on greedy responses, or (a prompt-level judge such
+    as logprob) on the prompts themselves."""
+    langs = [r.language for r in records]
+    if getattr(judge_obj, "requires_generation", True) and hasattr(judge_obj, "judge_batch"):
+        responses = work.generate(records, "safety", max_new_tokens)
+        results = judge_responses(judge_obj, responses, langs, prompts=[r.text for r in records])
+        scores = [getattr(x, "score", None) for x in results]
+        verdict = [result_verdict(x) for x in results]
+        matched = [getattr(x, "matched", None) for x in results]
+    else:  # prompt-level judge (logprob): no generation
+        jinfo = judge_info(judge_obj)
+        settings = f"judge:{judge_label(judge_obj)}:{_sha(json.dumps(jinfo, sort_keys=True, default=str))}"
+
+        def compute(recs: list[PromptRecord]) -> list[Any]:
+            res = judge_obj.judge_prompts([r.text for r in recs], [r.language for r in recs])
+            return [{"verdict": result_verdict(x), "score": float(x.score), "matched": x.matched} for x in res]
+
+        vals = work.values(records, "logprob-judge", settings, compute)
+        verdict = [v.get("verdict") or ("refusal" if v["refused"] else "compliance") for v in vals]
+        scores = [v.get("score") for v in vals]
+        matched = [v.get("matched") for v in vals]
+    verdicts, rows = [], []
+    for r, vd, sc, m in zip(records, verdict, scores, matched):
+        verdicts.append(Verdict(r.language, r.modality, role, vd, None if sc is None else float(sc)))
+        rows.append({"section": "safety", "role": role, "id": r.id, "language": r.language, "modality": r.modality,
+                     "source": r.source, "category": r.category, "verdict": vd, "score": sc, "matched": m})
+    return verdicts, rows
+
+
+def _xcopa(work: _CachedWork, loaded: Any, xc: list[PromptRecord], batch_size: int, n_resamples: int, seed: int
+           ) -> tuple[list[CapabilityCell], list[dict[str, Any]]]:
+    def xcompute(recs: list[PromptRecord]) -> list[Any]:
+        lps, toks = xcopa_logprobs(loaded, recs, batch_size=batch_size)
+        return [[a, b, ta, tb] for (a, b), (ta, tb) in zip(lps, toks)]
+
+    vals = work.values(xc, "xcopa", "loglik:v1", xcompute)
+    xitems = score_xcopa(xc, [(v[0], v[1]) for v in vals], [(int(v[2]), int(v[3])) for v in vals])
+    rows = [{"section": "xcopa", "id": i.id, "language": i.language, "label": i.label, "predicted": i.predicted,
+             "predicted_norm": i.predicted_norm, "correct": i.correct, "logprob": list(i.logprob)} for i in xitems]
+    return xcopa_cells(xitems, n_resamples=n_resamples, seed=seed), rows
+
+
 def evaluate(
     loaded: Any,
     suite: EvalSuite,
@@ -552,170 +645,41 @@ def evaluate(
     model_hash = loaded.config_hash
     weights_fp = weights_fingerprint(loaded.model)  # before any patch: the patch has its own hash
     cache = GenerationCache(out / CACHE_FILE, weights=weights_fp)
-    chunk = chunk_size or max(1, 32 * batch_size)
     skipped: list[dict[str, str]] = []
-
-    multimodal = getattr(loaded, "processor", None) is not None
-
-    def usable(records: Sequence[PromptRecord], role: str) -> list[PromptRecord]:
-        keep = []
-        images = []
-        for r in records:
-            if r.modality == "image" and not multimodal:
-                images.append(r)
-                skipped.append({"id": r.id, "language": r.language, "modality": r.modality, "role": role,
-                                "reason": "image prompt on a text-only model"})
-            else:
-                keep.append(r)
-        if images:
-            msg = (f"{len(images)} {role} image prompt(s) skipped: {loaded.model_id} is a text-only model "
-                   "(image evaluation needs a vision-language model)")
-            warnings.warn(msg, EvaluationWarning, stacklevel=3)
-            log.warning(msg)
-        return keep
-
-    gen_fn: GenerateFn | None = None
-
-    def generator() -> GenerateFn:
-        nonlocal gen_fn
-        if gen_fn is None:
-            gen_fn = _vllm_generator(loaded, system) if backend == "vllm" else _hf_generator(loaded, batch_size, system)
-        return gen_fn
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=0, desc="evaluate", unit="item")
-
-    def cached_generate(records: list[PromptRecord], task: str, max_new: int) -> list[str]:
-        settings = f"gen:greedy:max{max_new}:sys{_sha(system or '')}:{backend}"
-        keys = [GenerationCache.key(model_hash, patch_hash, task, r, r.text, settings) for r in records]
-        responses: list[str | None] = []
-        for k in keys:
-            e = cache.get(k)
-            responses.append(e["response"] if e is not None else None)
-        todo = [i for i, resp in enumerate(responses) if resp is None]
-        if bar is not None:
-            bar.total += len(records)
-            bar.update(len(records) - len(todo))
-            bar.set_postfix_str(task)
-        for s in range(0, len(todo), chunk):
-            idx = todo[s: s + chunk]
-
-            def on_batch(local: list[int], texts: list[str], idx: list[int] = idx) -> None:
-                entries = []
-                for j, o in zip(local, texts):
-                    i = idx[j]
-                    r = records[i]
-                    responses[i] = o
-                    entries.append({"key": keys[i], "task": task, "id": r.id, "language": r.language,
-                                    "modality": r.modality, "model": model_hash, "patch": patch_hash,
-                                    "settings": settings, "response": o})
-                cache.put(entries)  # written as soon as the batch is done: an interrupted run resumes here
-                if bar is not None:
-                    bar.update(len(local))
-
-            generator()([records[i] for i in idx], max_new, on_batch)
-            missing = [records[i].id for i in idx if responses[i] is None]
-            if missing:
-                raise RuntimeError(f"the generator returned no response for {len(missing)} prompt(s), e.g. {missing[0]}")
-        return [r if r is not None else "" for r in responses]
-
-    def cached_values(records: list[PromptRecord], task: str, settings: str,
-                      compute: Callable[[list[PromptRecord]], list[Any]]) -> list[Any]:
-        keys = [GenerationCache.key(model_hash, patch_hash, task, r, r.text, settings) for r in records]
-        values: list[Any] = []
-        for k in keys:
-            e = cache.get(k)
-            values.append(e["value"] if e is not None else None)
-        todo = [i for i, v in enumerate(values) if v is None]
-        if bar is not None:
-            bar.total += len(records)
-            bar.update(len(records) - len(todo))
-            bar.set_postfix_str(task)
-        for s in range(0, len(todo), chunk):
-            idx = todo[s: s + chunk]
-            got = compute([records[i] for i in idx])
-            entries = []
-            for i, v in zip(idx, got):
-                r = records[i]
-                values[i] = v
-                entries.append({"key": keys[i], "task": task, "id": r.id, "language": r.language,
-                                "modality": r.modality, "model": model_hash, "patch": patch_hash,
-                                "settings": settings, "value": v})
-            cache.put(entries)
-            if bar is not None:
-                bar.update(len(idx))
-        return values
-
+    work = _CachedWork(loaded, cache, model_hash=model_hash, patch_hash=patch_hash,
+                       chunk=chunk_size or max(1, 32 * batch_size), batch_size=batch_size, system=system,
+                       backend=backend, progress=progress)
     items: list[dict[str, Any]] = []
     verdicts: list[Verdict] = []
     capability: list[CapabilityCell] = []
     try:
         with patched(loaded, patch):
-            # ---- safety --------------------------------------------------------------------------
             t = time.perf_counter()
             for role in SAFETY_ROLES:
-                records = usable(getattr(suite, role), role)
-                if not records:
-                    continue
-                langs = [r.language for r in records]
-                if getattr(judge_obj, "requires_generation", True) and hasattr(judge_obj, "judge_batch"):
-                    responses = cached_generate(records, "safety", max_new_tokens)
-                    results = judge_responses(judge_obj, responses, langs, prompts=[r.text for r in records])
-                    scores = [getattr(x, "score", None) for x in results]
-                    verdict = [result_verdict(x) for x in results]
-                    matched = [getattr(x, "matched", None) for x in results]
-                else:  # prompt-level judge (logprob): no generation
-                    settings = f"judge:{jlabel}:{_sha(json.dumps(jinfo, sort_keys=True, default=str))}"
-
-                    def compute(recs: list[PromptRecord]) -> list[Any]:
-                        res = judge_obj.judge_prompts([r.text for r in recs], [r.language for r in recs])
-                        return [{"verdict": result_verdict(x), "score": float(x.score), "matched": x.matched}
-                                for x in res]
-
-                    vals = cached_values(records, "logprob-judge", settings, compute)
-                    verdict = [v.get("verdict") or ("refusal" if v["refused"] else "compliance") for v in vals]
-                    scores = [v.get("score") for v in vals]
-                    matched = [v.get("matched") for v in vals]
-                for r, vd, sc, m in zip(records, verdict, scores, matched):
-                    verdicts.append(Verdict(r.language, r.modality, role, vd, None if sc is None else float(sc)))
-                    items.append({"section": "safety", "role": role, "id": r.id, "language": r.language,
-                                  "modality": r.modality, "source": r.source, "category": r.category,
-                                  "verdict": vd, "score": sc, "matched": m})
+                records = _usable(loaded, getattr(suite, role), role, skipped)
+                if records:
+                    v, rows = _safety_role(work, judge_obj, records, role, max_new_tokens)
+                    verdicts += v
+                    items += rows
             timings["safety_s"] = round(time.perf_counter() - t, 2)
-
-            # ---- MGSM ----------------------------------------------------------------------------
-            mg = usable(suite.mgsm, "mgsm")
+            mg = _usable(loaded, suite.mgsm, "mgsm", skipped)
             if mg:
                 t = time.perf_counter()
-                responses = cached_generate([mgsm_prompt(r) for r in mg], "mgsm", mgsm_max_new_tokens)
+                responses = work.generate([mgsm_prompt(r) for r in mg], "mgsm", mgsm_max_new_tokens)
                 mitems = score_mgsm(mg, responses)
                 capability += mgsm_cells(mitems, n_resamples=n_resamples, seed=seed)
                 items += [{"section": "mgsm", "id": i.id, "language": i.language, "reference": i.reference,
                            "predicted": i.predicted, "correct": i.correct} for i in mitems]
                 timings["mgsm_s"] = round(time.perf_counter() - t, 2)
-
-            # ---- XCOPA ---------------------------------------------------------------------------
-            xc = usable(suite.xcopa, "xcopa")
+            xc = _usable(loaded, suite.xcopa, "xcopa", skipped)
             if xc:
                 t = time.perf_counter()
-
-                def xcompute(recs: list[PromptRecord]) -> list[Any]:
-                    lps, toks = xcopa_logprobs(loaded, recs, batch_size=batch_size)
-                    return [[a, b, ta, tb] for (a, b), (ta, tb) in zip(lps, toks)]
-
-                vals = cached_values(xc, "xcopa", "loglik:v1", xcompute)
-                xitems = score_xcopa(xc, [(v[0], v[1]) for v in vals], [(int(v[2]), int(v[3])) for v in vals])
-                capability += xcopa_cells(xitems, n_resamples=n_resamples, seed=seed)
-                items += [{"section": "xcopa", "id": i.id, "language": i.language, "label": i.label,
-                           "predicted": i.predicted, "predicted_norm": i.predicted_norm, "correct": i.correct,
-                           "logprob": list(i.logprob)} for i in xitems]
+                cells, rows = _xcopa(work, loaded, xc, batch_size, n_resamples, seed)
+                capability += cells
+                items += rows
                 timings["xcopa_s"] = round(time.perf_counter() - t, 2)
     finally:
-        if bar is not None:
-            bar.close()
+        work.close()
 
     safety = safety_metrics(verdicts, judge=jlabel, n_resamples=n_resamples, seed=seed)
     timings["total_s"] = round(time.perf_counter() - start, 2)
@@ -750,4 +714,4 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 __all__ = ["EvalSuite", "EvalResult", "evaluate", "GenerationCache", "patched", "patch_tag", "file_hash",
-           "weights_fingerprint", "EvaluationWarning"]
+           "EvaluationWarning"]

@@ -55,7 +55,13 @@ from neuroshield.data.records import PromptRecord, group_name
 from neuroshield.generate.generation import Generation, GenerationConfig, generate, response_divergence
 from neuroshield.intervene.interventions import InterventionMode, _means_of, intervene, parse_mode
 from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
-from neuroshield.io import atomic_path, atomic_write_text, fingerprint
+from neuroshield.io import (
+    atomic_write_text,
+    fingerprint,
+    records_fingerprint,
+    save_figure,
+    weights_fingerprint,
+)
 from neuroshield.models.loading import LoadedModel
 from neuroshield.neurons.neuronset import NeuronSet, random_like
 from neuroshield.settings import PipelineConfig, ValidateConfig
@@ -97,23 +103,8 @@ def set_fingerprint(ns: NeuronSet) -> str:
     return h.hexdigest()[:16]
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Cheap identity of the weights (float64 sum and first values of each parameter)."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            h.update(name.encode())
-            h.update(repr((float(flat.double().sum()), flat[:8].double().tolist())).encode())
-    return h.hexdigest()[:16]
-
-
 def prompt_key(r: PromptRecord) -> str:
     return f"{r.language}/{r.modality}/{r.id}"
-
-
-def prompts_fingerprint(prompts: Sequence[PromptRecord]) -> str:
-    return _sha([(prompt_key(r), r.text, r.image) for r in prompts])[:16]
 
 
 def _tensor_fingerprint(d: Mapping[str, torch.Tensor]) -> str:
@@ -141,10 +132,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:  # a line torn by an interruption: that batch is redone
                 continue
     return rows
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 def cached_generate(
@@ -190,7 +177,7 @@ def cached_generate(
     if todo or not done_path.is_file():
         lines = [json.dumps({"key": k, "text": found[k].text, "token_ids": list(found[k].token_ids),
                              "finished": found[k].finished}, ensure_ascii=False) for k in keys]
-        _atomic_write(done_path, "\n".join(lines) + "\n")
+        atomic_write_text(done_path, "\n".join(lines) + "\n")
         if part_path.exists():
             part_path.unlink()
     return [found[k] for k in keys]
@@ -332,11 +319,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,6 +388,50 @@ def _verdict_fields(v: Any) -> dict[str, Any]:
             "matched": getattr(v, "matched", None), "reason": getattr(v, "reason", None)}
 
 
+def _checked_inputs(loaded: LoadedModel, neuron_set: NeuronSet, prompts: Sequence[PromptRecord],
+                    parsed: InterventionMode, controls: int, judge: Any) -> Any:
+    """Raise ValueError on inputs validation cannot use; returns the judge (default refusal-phrase)."""
+    if parsed.kind == "none":
+        raise ValueError("mode='none' validates nothing: choose zero, scale:<alpha> or mean:<group>")
+    if controls < 0:
+        raise ValueError(f"controls={controls}: must be >= 0")
+    if not prompts:
+        raise ValueError("prompts is empty: nothing to validate (check --languages, --split and --limit)")
+    neuron_set.check_model(loaded)
+    if len(neuron_set) == 0:
+        raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
+    if judge is None:
+        judge = get_judge("refusal-phrase")
+    if getattr(judge, "requires_generation", True) is False or not (hasattr(judge, "judge_batch")
+                                                                    or hasattr(judge, "judge")):
+        raise ValueError(f"judge {type(judge).__name__} does not judge responses; validation judges the generated "
+                         "answers: use a response judge (refusal-phrase or a classifier folder)")
+    return judge
+
+
+def _generation_lines(conds: Sequence[Condition], prompts: Sequence[PromptRecord], gens: Mapping[str, list[Generation]],
+                      verdicts: Mapping[str, list[Any]], mode: str, benign: Sequence[PromptRecord],
+                      benign_gens: Mapping[str, list[Generation]], benign_verdicts: Mapping[str, list[Any]]
+                      ) -> list[str]:
+    """The rows of generations.jsonl: every condition's responses and verdicts, then the benign guard's."""
+    lines = []
+    for c in conds:
+        for r, g, v in zip(prompts, gens[c.name], verdicts[c.name]):
+            lines.append(json.dumps({"condition": c.name, "kind": c.kind, "seed": c.seed, "mode": mode,
+                                     "set": None if c.neuron_set is None else c.neuron_set.name, "id": r.id,
+                                     "language": r.language, "modality": r.modality, "label": r.label,
+                                     "category": r.category, "prompt": r.text, "response": g.text,
+                                     "response_tokens": len(g.token_ids), "finished": g.finished,
+                                     **_verdict_fields(v)}, ensure_ascii=False))
+    for name, bg in benign_gens.items():
+        for r, g, v in zip(benign, bg, benign_verdicts[name]):
+            lines.append(json.dumps({"condition": f"benign-{name}", "kind": "benign", "id": r.id, "language": r.language,
+                                     "modality": r.modality, "label": r.label, "prompt": r.text, "response": g.text,
+                                     "response_tokens": len(g.token_ids), "finished": g.finished,
+                                     **_verdict_fields(v)}, ensure_ascii=False))
+    return lines
+
+
 def validate(
     loaded: LoadedModel,
     neuron_set: NeuronSet,
@@ -431,21 +458,7 @@ def validate(
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     parsed = parse_mode(mode)
-    if parsed.kind == "none":
-        raise ValueError("mode='none' validates nothing: choose zero, scale:<alpha> or mean:<group>")
-    if controls < 0:
-        raise ValueError(f"controls={controls}: must be >= 0")
-    if not prompts:
-        raise ValueError("prompts is empty: nothing to validate (check --languages, --split and --limit)")
-    neuron_set.check_model(loaded)
-    if len(neuron_set) == 0:
-        raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
-    if judge is None:
-        judge = get_judge("refusal-phrase")
-    if getattr(judge, "requires_generation", True) is False or not (hasattr(judge, "judge_batch")
-                                                                    or hasattr(judge, "judge")):
-        raise ValueError(f"judge {type(judge).__name__} does not judge responses; validation judges the generated "
-                         "answers: use a response judge (refusal-phrase or a classifier folder)")
+    judge = _checked_inputs(loaded, neuron_set, prompts, parsed, controls, judge)
     mean_vecs: dict[str, torch.Tensor] | None = None
     if parsed.kind == "mean":  # resolve once: the controls use the same site keys
         mean_vecs = {k: v.detach().float().cpu() for k, v in
@@ -465,7 +478,7 @@ def validate(
         return lambda: intervene(loaded, ns, parsed, means=mean_vecs)
 
     def cond_key(c: Condition, records: Sequence[PromptRecord]) -> dict[str, Any]:
-        key = {**model_key, "prompts": prompts_fingerprint(records), "generation": cfg.key()}
+        key = {**model_key, "prompts": records_fingerprint(records), "generation": cfg.key()}
         if c.neuron_set is not None:
             key.update(set=set_fingerprint(c.neuron_set), mode=str(parsed))
             if mean_vecs is not None:
@@ -514,38 +527,25 @@ def validate(
     # --- files ----------------------------------------------------------------------------------
     paths = {name: str(out / name) for name in
              ("validation.json", "validation.csv", "generations.jsonl", "validation.png", "summary.json")}
-    lines = []
-    for c in conds:
-        for r, g, v in zip(prompts, gens[c.name], verdicts_full[c.name]):
-            lines.append(json.dumps({"condition": c.name, "kind": c.kind, "seed": c.seed, "mode": str(parsed),
-                                     "set": None if c.neuron_set is None else c.neuron_set.name, "id": r.id,
-                                     "language": r.language, "modality": r.modality, "label": r.label,
-                                     "category": r.category, "prompt": r.text, "response": g.text,
-                                     "response_tokens": len(g.token_ids), "finished": g.finished,
-                                     **_verdict_fields(v)}, ensure_ascii=False))
-    for name, bg in benign_gens.items():
-        for r, g, v in zip(benign_guard or [], bg, benign_verdicts[name]):
-            lines.append(json.dumps({"condition": f"benign-{name}", "kind": "benign", "id": r.id, "language": r.language,
-                                     "modality": r.modality, "label": r.label, "prompt": r.text, "response": g.text,
-                                     "response_tokens": len(g.token_ids), "finished": g.finished,
-                                     **_verdict_fields(v)}, ensure_ascii=False))
-    _atomic_write(out / "generations.jsonl", "\n".join(lines) + "\n")
+    lines = _generation_lines(conds, prompts, gens, verdicts_full, str(parsed), benign_guard or [], benign_gens,
+                              benign_verdicts)
+    atomic_write_text(out / "generations.jsonl", "\n".join(lines) + "\n")
     config = {
         "model_id": loaded.model_id, "config_hash": loaded.config_hash, "set": neuron_set.name,
         "set_meta": {k: v for k, v in neuron_set.meta.items() if k not in ("sites",)},
         "set_neurons": len(neuron_set), "set_by_kind": neuron_set.count_by_kind(),
         "set_by_layer": {str(k): v for k, v in neuron_set.count_by_layer().items()},
         "mode": str(parsed), "controls": controls, "seed": seed, "generation": dataclass_dict(cfg),
-        "judge": judge_info(judge), "prompts": len(prompts), "prompts_hash": prompts_fingerprint(prompts),
+        "judge": judge_info(judge), "prompts": len(prompts), "prompts_hash": records_fingerprint(prompts),
         "benign_prompts": len(benign_guard or []), "control_sd": "sample standard deviation (n-1)",
     }
     timings["total"] = time.perf_counter() - t_start
     result = ValidationResult(rows=rows, guard=guard, conditions=[c.describe() for c in conds], config=config,
                               paths=paths, timings=timings)
-    _atomic_write(out / "validation.csv", _csv_text(rows, guard))
+    atomic_write_text(out / "validation.csv", _csv_text(rows, guard))
     _plot(rows, out / "validation.png",
           f"{neuron_set.name} ({len(neuron_set)} neurons), mode {parsed}, {controls} random controls")
-    _atomic_write(out / "validation.json", json.dumps(result.to_dict(), indent=1, ensure_ascii=False, default=str))
+    atomic_write_text(out / "validation.json", json.dumps(result.to_dict(), indent=1, ensure_ascii=False, default=str))
     headline = {f"{r['language']}/{r['modality']}/{r['label']}": {
         "none": r["refusal_none"], "set": r["refusal_set"], "control_mean": r["refusal_control_mean"],
         "control_sd": r["refusal_control_sd"], "invalid_none": r["invalid_none"], "invalid_set": r["invalid_set"],
@@ -556,7 +556,7 @@ def validate(
                    "kl_per_token_control_mean": guard.get("control_mean", {}).get("kl_per_token"),
                    "ppl_base": guard["ppl_base"], "ppl_set": guard["set"]["ppl"]},
                "files": sorted(paths), "seconds": timings["total"]}
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, default=str))
     return result
 
 
@@ -571,52 +571,5 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-__all__ = ["validate", "ValidationResult", "Condition", "cached_generate", "set_fingerprint",
-           "weights_fingerprint", "prompt_key"]
+__all__ = ["validate", "ValidationResult", "Condition", "cached_generate", "set_fingerprint", "prompt_key"]
 
-
-def load_validation_prompts(
-    source: str,
-    languages: Sequence[str] | None = None,
-    *,
-    label: str | None = "harmful",
-    split: str = "held-out",
-    held_out_fraction: float = 0.5,
-    split_seed: int = 0,
-    limit: int | None = None,
-    sample_seed: int = 0,
-    skip_missing_languages: bool = False,
-) -> list[PromptRecord]:
-    """Prompts for validation: `load_prompts`, then the id split and `limit_per_group` (`neurons.splits`): the
-    same prompts as the pipeline's validation picks for the same split and limit.
-
-    `split="held-out"` (default) keeps only ids disjoint from those neurons are identified on (the
-    identification stage uses `held-in` with the same fraction and seed). With `skip_missing_languages`,
-    languages a registered data set lacks are dropped with a warning instead of an error (benign guards).
-    """
-    from neuroshield.data.loaders import DATASETS, load_prompts
-    from neuroshield.neurons.splits import limit_per_group, select_split
-
-    langs = list(languages) if languages else None
-    if langs and skip_missing_languages:
-        name = source.split(":", 1)[0]
-        if name in DATASETS:
-            have = set(DATASETS[name].languages)
-            missing = [lang for lang in langs if lang not in have]
-            if missing:
-                log.warning("%s has no prompts in %s; the guard skips them", name, ", ".join(missing))
-            langs = [lang for lang in langs if lang in have]
-            if not langs:
-                return []
-    if langs and skip_missing_languages and source.split(":", 1)[0] not in DATASETS:  # a file: filter here
-        records = [r for r in load_prompts(source, label=label) if r.language in set(langs)]
-        missing = sorted(set(langs) - {r.language for r in records})
-        if missing:
-            log.warning("%s has no prompts in %s; the guard skips them", source, ", ".join(missing))
-    else:
-        records = load_prompts(source, languages=langs, label=label)
-    records = select_split(records, split, held_out_fraction, split_seed)
-    return limit_per_group(records, limit, sample_seed)
-
-
-__all__ += ["load_validation_prompts"]

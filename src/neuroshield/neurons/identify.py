@@ -17,8 +17,6 @@ matrices with chance levels (JSON, CSV) and PNG plots.
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from typing import Any
 
 from neuroshield.data.records import PromptRecord, group_name
 from neuroshield.io import ArtifactError, read_json, write_json
+from neuroshield.memory import peak_rss_mb
 from neuroshield.models.loading import LoadedModel, dtype_name
 from neuroshield.models.sites import count_parameters, parse_site_key, resolve_sites
 from neuroshield.neurons.neuronset import SETS_MANIFEST, NeuronSet, run_set_names, write_sets_manifest
@@ -57,12 +56,6 @@ class IdentifyResult:
     @property
     def summary_path(self) -> Path:
         return self.out_dir / SUMMARY_FILE
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB), from getrusage."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
 def _clear_old_sets(out: Path, methods: Sequence[str]) -> None:
@@ -399,4 +392,4 @@ def overlap_report(run_dir: str | Path) -> Path:
     return out
 
 
-__all__ = ["identify", "IdentifyResult", "overlap_report", "load_or_collect_statistics", "peak_rss_mb"]
+__all__ = ["identify", "IdentifyResult", "overlap_report", "load_or_collect_statistics"]

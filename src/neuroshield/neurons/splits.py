@@ -9,9 +9,12 @@ together), in every run, for every stage, whatever else is in the list.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Collection, Iterable, Sequence
 
 from neuroshield.data.records import PromptRecord
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("held-in", "held-out", "all")
 
@@ -88,4 +91,62 @@ def limit_per_group(records: Iterable[PromptRecord], limit: int | None, seed: in
 
 _LIMIT_SALT = 104729  # decorrelates the pick from the held-in / held-out split (same hash otherwise)
 
-__all__ = ["SPLITS", "held_out_score", "is_held_out", "split_by_id", "select_split", "limit_per_group"]
+
+# --------------------------------------------------------------------------------------------------
+# The prompt picker: every stage, command and experiment picks its prompts here
+# --------------------------------------------------------------------------------------------------
+
+
+def pick_prompts(source: str, label: str | None, languages: Sequence[str] | None, split: str = "held-in",
+                 limit: int | None = None, *, held_out_fraction: float = 0.5, seed: int = 0) -> list[PromptRecord]:
+    """Prompts of `source` (a registered data set, `name:option`, or a file) with `label` (None: any), in those of
+    `languages` the source has (None: all it has; a language it lacks is skipped), the `split` by prompt id
+    (`select_split`), then `limit` ids per language (`limit_per_group`); `seed` drives both."""
+    from neuroshield.data.loaders import DATASETS, load_prompts
+
+    name = source.split(":", 1)[0]
+    langs = None if languages is None else list(languages)
+    if name in DATASETS:
+        if langs is not None:
+            have = set(DATASETS[name].languages)
+            missing = [lang for lang in langs if lang not in have]
+            if missing and len(missing) < len(langs):
+                log.info("%s has no prompts in %s; skipped", source, ", ".join(missing))
+            langs = [lang for lang in langs if lang in have]
+            if not langs:
+                log.warning("%s has none of the languages %s; skipped", source, ", ".join(languages or []))
+                return []
+        records = load_prompts(source, languages=langs, label=label)
+    else:  # a file gives the languages it has
+        records = load_prompts(source, label=label)
+        if langs is not None:
+            records = [r for r in records if r.language in set(langs)]
+    if label is not None:
+        records = [r for r in records if r.label == label]
+    records = select_split(records, split, held_out_fraction, seed)
+    return limit_per_group(records, limit, seed)
+
+
+def validation_pick(source: str, languages: Sequence[str] | None, limit: int | None, *,
+                    held_out_fraction: float = 0.5, seed: int = 0) -> dict[str, list[PromptRecord]]:
+    """The held-out harmful prompts validation intervenes on: `limit` per language (None: every language the
+    source has), each language picked on its own (so each gets its own best-spread ids)."""
+    if languages is None:
+        languages = sorted({r.language for r in pick_prompts(source, "harmful", None, "held-out", None,
+                                                             held_out_fraction=held_out_fraction, seed=seed)})
+    return {lang: pick_prompts(source, "harmful", [lang], "held-out", limit, held_out_fraction=held_out_fraction,
+                               seed=seed) for lang in languages}
+
+
+def evaluation_pick(source: str, languages: Sequence[str] | None, limit: int | None, *, split: str = "held-out",
+                    exclude_ids: Collection[str] = (), held_out_fraction: float = 0.5,
+                    seed: int = 0) -> list[PromptRecord]:
+    """Harmful prompts for evaluation: `limit` ids per language among the `split` (held-out) ids not in
+    `exclude_ids` (validation's), so that no other stage uses them in any language."""
+    pool = [r for r in pick_prompts(source, "harmful", languages, split, None,
+                                    held_out_fraction=held_out_fraction, seed=seed) if r.id not in exclude_ids]
+    return limit_per_group(pool, limit, seed)
+
+
+__all__ = ["SPLITS", "held_out_score", "is_held_out", "split_by_id", "select_split", "limit_per_group",
+           "pick_prompts", "validation_pick", "evaluation_pick"]

@@ -1,4 +1,5 @@
-"""Export a trained model as a plain Hugging Face checkpoint, and prove it is the trained one.
+"""Export a trained model as a plain Hugging Face checkpoint, and prove it is the trained one; the end of a
+training run (`finish_trained`: patch, merge, export) and its loss plot.
 
 `save_merged` writes `save_pretrained` (safetensors) + tokenizer into a folder, then checks:
 
@@ -19,13 +20,24 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from neuroshield.io import MANIFEST, ArtifactError, atomic_dir, check_manifest, write_json, write_manifest
+from neuroshield.io import (
+    MANIFEST,
+    ArtifactError,
+    atomic_dir,
+    check_manifest,
+    save_figure,
+    write_json,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from neuroshield.train.recipes import Trainable
 
 
 class ExportError(RuntimeError):
@@ -198,5 +210,77 @@ def _save_checked(loaded: Any, out: Path, tmp: Path, base_digests: dict[str, str
     return result
 
 
+# the neuron-set meta a safety patch carries
+_PATCH_SET_META = ("method", "rho", "languages", "modalities", "budget", "name", "control_of")
+
+
+@dataclass
+class Finished:
+    patch: str | None = None  # the safety patch (neuron recipes)
+    model_dir: str | None = None  # the merged model (export)
+    export: dict[str, Any] | None = None  # what the export checked
+
+
+def finish_trained(loaded: Any, part: Trainable, recipe: str, out: Path, acc: Any, *, step: int,
+                   patch_step: int, lr: float, export: bool, verify: bool,
+                   base_digests: dict[str, str] | None) -> Finished:
+    """After the loop: the neuron recipes' safety patch (`out/safety_patch.safetensors`, `patch_step` being the
+    step whose weights it holds) and their deltas merged; LoRA merged into `loaded.model`; the model frozen in
+    eval mode; with `export`, the merged model saved to `out/model` and checked against `base_digests`
+    (`save_merged`). Files are written by the main process."""
+    done = Finished()
+    if part.deltas is not None:
+        from neuroshield.train.patch import patch_from_deltas
+
+        ns = part.neuron_set
+        assert ns is not None
+        if acc.is_main_process:
+            done.patch = str(patch_from_deltas(out / "safety_patch.safetensors", part.deltas, loaded, meta={
+                "recipe": recipe, "neuron_set": ns.name, "neurons": len(ns),
+                "neuron_set_meta": {k: v for k, v in ns.meta.items() if k in _PATCH_SET_META},
+                "steps": patch_step, "lr": lr}))
+        part.deltas.merge()
+        part.deltas.detach()
+    elif recipe == "lora":
+        loaded.model = part.net.merge_and_unload()  # type: ignore[operator]
+    from neuroshield.train.sparse import freeze
+
+    freeze(loaded.model)
+    loaded.model.eval()
+    if export and acc.is_main_process:
+        res = save_merged(loaded, out / "model", base_digests=base_digests, expect_changed=part.expect_changed,
+                          verify=verify, meta={"recipe": recipe, "steps": step, "base_model": loaded.model_id,
+                                               "config_hash": loaded.config_hash, "lr": lr})
+        done.model_dir, done.export = res.folder, res.to_dict()
+        done.export.pop("changed_names", None)
+    acc.wait_for_everyone()
+    return done
+
+
+def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], label="loss", color="black")
+    for key, colour in (("loss_harmful", "tab:red"), ("loss_benign", "tab:blue")):
+        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=key.replace("loss_", ""), color=colour, alpha=0.6, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (response tokens)")
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long set names would run off the figure
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 __all__ = ["ExportError", "ExportResult", "param_digests", "saved_digests", "save_merged", "verify_reload",
-           "tensor_digest", "probe_logits", "check_merged"]
+           "tensor_digest", "probe_logits", "check_merged", "Finished", "finish_trained", "plot_losses"]

@@ -32,6 +32,7 @@ from torch import nn
 
 from neuroshield.io import atomic_path, write_json
 from neuroshield.models.loaded import config_hash
+from neuroshield.train.sparse import layer_of
 
 PATCH_FORMAT = 1
 META_KEY = "neuroshield_patch"
@@ -52,14 +53,6 @@ class PatchEntry:
 
 def _model_of(obj: Any) -> nn.Module:
     return obj.model if hasattr(obj, "model") and isinstance(getattr(obj, "model"), nn.Module) else obj
-
-
-def _layer_of(name: str) -> int:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return -1
 
 
 def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -208,28 +201,27 @@ def _write(params: dict[str, nn.Parameter], entries: list[PatchEntry], which: st
         param.data.index_copy_(e.axis, e.index.to(param.device), value)
 
 
+def _apply_or_revert(model: Any, path: str | Path, direction: str) -> dict[str, Any]:
+    m = _model_of(model)
+    p = Path(path)
+    meta, entries = read_patch(p)
+    params = _check(m, p, meta, entries, direction)
+    _write(params, entries, "new" if direction == "apply" else "orig")
+    return meta
+
+
 def apply_patch(model: Any, path: str | Path) -> dict[str, Any]:
     """Write the patched rows/columns into `model` (an nn.Module or a LoadedModel); returns the metadata.
 
     Refuses (PatchError, model unchanged) when the config hash differs, when the model is already
     patched, or when its weights are not the base weights the patch was made for.
     """
-    m = _model_of(model)
-    p = Path(path)
-    meta, entries = read_patch(p)
-    params = _check(m, p, meta, entries, "apply")
-    _write(params, entries, "new")
-    return meta
+    return _apply_or_revert(model, path, "apply")
 
 
 def revert_patch(model: Any, path: str | Path) -> dict[str, Any]:
     """Restore the base rows/columns bit-exactly; refuses when the model does not hold the patch."""
-    m = _model_of(model)
-    p = Path(path)
-    meta, entries = read_patch(p)
-    params = _check(m, p, meta, entries, "revert")
-    _write(params, entries, "orig")
-    return meta
+    return _apply_or_revert(model, path, "revert")
 
 
 def patch_info(path: str | Path) -> dict[str, Any]:
@@ -239,7 +231,7 @@ def patch_info(path: str | Path) -> dict[str, Any]:
     by_layer: dict[int, int] = {}
     by_matrix: dict[str, int] = {}
     for e in entries:
-        layer = _layer_of(e.name)
+        layer = layer_of(e.name)
         by_layer[layer] = by_layer.get(layer, 0) + int(e.new.numel())
         kind = ".".join(e.name.split(".")[-2:])
         by_matrix[kind] = by_matrix.get(kind, 0) + int(e.new.numel())

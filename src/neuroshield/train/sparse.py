@@ -227,7 +227,7 @@ class SparseDeltas(nn.Module):
     def count_by_layer(self) -> dict[int, int]:
         out: dict[int, int] = {}
         for key, p in self.deltas.items():
-            layer = _layer_of(self.param_of_key[key][0])
+            layer = layer_of(self.param_of_key[key][0])
             out[layer] = out.get(layer, 0) + p.numel()
         return dict(sorted(out.items()))
 
@@ -303,7 +303,7 @@ def _merge_slice(orig: torch.Tensor, delta: torch.Tensor, axis: int) -> torch.Te
     return (orig.to(torch.float32) + d).to(orig.dtype)
 
 
-def _layer_of(param_name: str) -> int:
+def layer_of(param_name: str) -> int:
     parts = param_name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part == "layers" and parts[i + 1].isdigit():
