@@ -16,7 +16,7 @@ PACKAGE = "neuroshield"
 # The parts of the package from the bottom up: a part may import from the layers below its own, never from its own
 # layer or above (lazy imports inside functions included). `neuroshield` is the package's __init__ (the version).
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
-    {"neuroshield", "io", "settings"},
+    {"neuroshield", "io", "settings", "memory"},
     {"models", "data"},
     {"generate"},
     {"judges", "neurons"},
