@@ -67,3 +67,17 @@ def test_selection_plot_from_the_monitor(tmp_path):
                                                             "harmful": 40, "contrast": 40}))
     path = plot_selection(tmp_path, "t")
     assert path == tmp_path / "selection.png" and path.stat().st_size > 1000
+
+
+def test_selection_score_prefers_fewer_safe_refusals_on_ties():
+    from neuroshield.pipeline import selection_score
+
+    base = 0.10
+    # same harmful refusal: the step that refuses fewer safe prompts wins
+    assert selection_score(0.55, 0.12, base, 0.05) > selection_score(0.55, 0.15, base, 0.05)
+    # one more harmful refusal of 60 outweighs any rise within the tolerance
+    assert selection_score(0.55 + 1 / 60, 0.15, base, 0.05) > selection_score(0.55, 0.10, base, 0.05)
+    # beyond the tolerance each point costs two
+    assert selection_score(0.70, 0.25, base, 0.05) < selection_score(0.55, 0.15, base, 0.05)
+    # below the base rate there is no bonus
+    assert selection_score(0.5, 0.05, base, 0.05) == selection_score(0.5, 0.10, base, 0.05)

@@ -349,9 +349,8 @@ class Pipeline:
                 return None
             h, cr = rates()
             record["monitor_harmful_refusal"], record["monitor_contrast_refusal"] = h, cr
-            excess = max(0.0, cr - base["contrast_refusal"] - tc.select_tolerance)
             log.info("step %d: monitor harmful refusal %.3f, contrast refusal %.3f", step, h, cr)
-            return h - 2.0 * excess
+            return selection_score(h, cr, base["contrast_refusal"], tc.select_tolerance)
 
         return on_step
 
@@ -514,6 +513,14 @@ class Pipeline:
 def run_pipeline(config: PipelineConfig, stages: tuple[str, ...] = STAGES) -> Path:
     """Run the whole pipeline for `config`; returns the path of the HTML report."""
     return Pipeline(config).run(stages)
+
+
+def selection_score(harmful_refusal: float, contrast_refusal: float, base_contrast: float, tolerance: float) -> float:
+    """The step selection's score: harmful refusal, less twice the contrast refusal beyond the base model's plus
+    `tolerance`, less a tenth of any rise at all, which breaks ties towards the step that refuses fewer safe
+    prompts (within the tolerance it weighs less than one harmful prompt of a monitor of 20 or more)."""
+    rise = max(0.0, contrast_refusal - base_contrast)
+    return harmful_refusal - 2.0 * max(0.0, rise - tolerance) - 0.1 * rise
 
 
 def plot_selection(recipe_dir: Path, title: str) -> Path | None:

@@ -81,7 +81,8 @@ class TrainConfig:
     # checkpoint selection: every `select_every` steps (0: off, the last step is the result) refusal is measured
     # on held-in harmful prompts not trained on (every language) and on the contrast set's train part (safe
     # requests that sound dangerous); the result is the step with the most harmful refusal whose contrast
-    # refusal stays within `select_tolerance` of the base model's (beyond it, each point over costs two)
+    # refusal stays within `select_tolerance` of the base model's (beyond it, each point over costs two; ties go to
+    # the step with less contrast refusal)
     select_every: int = 0
     monitor_per_language: int = 4  # harmful and contrast prompts per language for the selection
     select_tolerance: float = 0.05
