@@ -247,3 +247,22 @@ train:
     Pipeline(c3).run(("identify", "train"))
     third = {n: (out / n / "summary.json").stat().st_mtime_ns for n in before}
     assert sorted(n for n in before if third[n] != after[n]) == ["precise-shield", "random-s0", "random-s1"]
+
+
+def test_the_run_headline_pools_trained_and_never_trained_and_lists_the_random_sets(tmp_path: Path) -> None:
+    c = _load(tmp_path, f"out_dir: {tmp_path / 'runs'}\nname: h\nlanguages: [en, zh, hi]\nnever_trained: [hi]\n")
+    for model in ("base", "precise-shield", "random-s0", "random-s1"):
+        rows = [{"section": "safety", "role": "harmful", "id": f"x/{k}", "language": lang, "modality": "text",
+                 "verdict": "compliance" if (k + len(model)) % 2 else "refusal"}
+                for lang in ("en", "zh", "hi") for k in range(4)]
+        folder = c.run_dir / "evaluate" / model
+        folder.mkdir(parents=True)
+        (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    md = Pipeline(c).write_headline()
+    assert md is not None
+    text = md.read_text()
+    assert "never-trained languages (hi) (n=4)" in text and "trained languages (en, zh) (n=8)" in text
+    assert "Random sets, one by one" in text and "| random (2 sets) |" in text
+    h = json.loads((c.run_dir / "evaluate" / "headline.json").read_text())
+    assert h["never_trained"] == ["hi"] and set(h["models"]["precise-shield"]["never-trained"]["asr_vs_sets"]) == {
+        "random-s0", "random-s1"}
