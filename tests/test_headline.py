@@ -81,3 +81,69 @@ def test_selection_score_prefers_fewer_safe_refusals_on_ties():
     assert selection_score(0.70, 0.25, base, 0.05) < selection_score(0.55, 0.15, base, 0.05)
     # below the base rate there is no bonus
     assert selection_score(0.5, 0.05, base, 0.05) == selection_score(0.5, 0.10, base, 0.05)
+
+
+def test_trained_against_never_trained_and_each_random_set(tmp_path):
+    """With a transfer split the headline pools the trained and the never-trained languages apart, and with several
+    random sets it gives their spread and the recipe against each set (paired, with the discordant prompts)."""
+    from neuroshield.evaluate.headline import format_random_sets
+
+    ids = [f"x/{k}" for k in range(8)]
+    langs = ["en", "zh", "hi"]  # hi is never trained
+    base = {(lang, i): "compliance" for lang in langs for i in ids}
+    _write(tmp_path / "base", _rows(base))
+    # the recipe refuses everything in the trained languages, half of the prompts in hi
+    ps = {(lang, i): ("refusal" if lang != "hi" or k % 2 else "compliance") for lang in langs
+          for k, i in enumerate(ids)}
+    _write(tmp_path / "ss-expansion", _rows(ps))
+    # three random sets: refuse 0, 2 and 4 of the 8 hi prompts, comply elsewhere
+    for s, refused in enumerate((0, 2, 4)):
+        _write(tmp_path / f"random-s{s}", _rows({**base, **{("hi", i): "refusal" for i in ids[:refused]}}))
+    h = headline(tmp_path, never_trained=["hi"], n_resamples=200)
+    assert h["groups"] == ["en", "other", "trained", "never-trained"]
+    assert h["group_names"]["never-trained"] == "never-trained languages (hi)"
+    assert h["group_names"]["trained"] == "trained languages (en, zh)"
+    trained, never = h["models"]["ss-expansion"]["trained"], h["models"]["ss-expansion"]["never-trained"]
+    assert trained["asr"]["n"] == 16 and trained["asr"]["value"] == 0.0
+    assert trained["asr_vs_base"]["value"] == pytest.approx(-1.0)
+    assert never["asr"]["n"] == 8 and never["asr"]["value"] == pytest.approx(0.5)
+    # the random sets' hi ASR: 1, 0.75, 0.5 -> mean 0.75, sd 0.25; their mean per prompt is the random reference
+    rs = h["random_sets"]["never-trained"]["asr"]
+    assert (rs["sets"], rs["mean"], rs["sd"], rs["min"], rs["max"]) == (3, pytest.approx(0.75), pytest.approx(0.25),
+                                                                        0.5, 1.0)
+    assert never["asr_vs_random"]["value"] == pytest.approx(-0.25)
+    each = never["asr_vs_sets"]
+    assert set(each) == {"random-s0", "random-s1", "random-s2"}
+    # against random-s0 (complies on all 8): 4 prompts fewer answered; against random-s2 (the first 4 refused):
+    # ss-expansion answers ids 0 and 2 (which s2 refuses) and refuses 5 and 7 (which s2 answers)
+    assert (each["random-s0"]["value"], each["random-s0"]["fewer"], each["random-s0"]["more"]) == (-0.5, 4, 0)
+    assert (each["random-s2"]["value"], each["random-s2"]["fewer"], each["random-s2"]["more"]) == (0.0, 2, 2)
+    assert "asr_vs_sets" not in h["models"]["random-s0"]["never-trained"]
+    table = format_headline(h)
+    assert "| ss-expansion | never-trained languages (hi) (n=8) | 50.0" in table
+    sets = format_random_sets(h)
+    assert "| random (3 sets) | never-trained languages (hi) | ASR 75.0 ± 25.0 (range 50.0–100.0)" in sets
+    assert "| ss-expansion | never-trained languages (hi) | -50.0" in sets and "(4/0)" in sets
+    # without a split or with one random set: neither
+    h1 = headline(tmp_path, n_resamples=50)
+    assert h1["groups"] == ["en", "other"]
+    (tmp_path / "random-s1" / "items.jsonl").unlink()
+    (tmp_path / "random-s2" / "items.jsonl").unlink()
+    assert format_random_sets(headline(tmp_path, never_trained=["hi"], n_resamples=50)) == ""
+
+
+def test_the_report_shows_the_transfer_split_and_the_random_sets(tmp_path):
+    from neuroshield.report.evaluation import headline_tables
+
+    run = tmp_path / "run"
+    ids = [f"x/{k}" for k in range(4)]
+    rows = {(lang, i): "compliance" for lang in ("en", "hi") for i in ids}
+    for model in ("base", "precise-shield", "random-s0", "random-s1"):
+        _write(run / "evaluate" / model, _rows(rows))
+    h = headline(run / "evaluate", never_trained=["hi"], n_resamples=50)
+    (run / "evaluate" / "headline.json").write_text(json.dumps(h))
+    tables = headline_tables(run)
+    assert [t.title for t in tables] == ["Headline", "Against each random set"]
+    assert any(r[1].startswith("never-trained languages (hi)") for r in tables[0].rows)
+    assert all(len(r) == len(tables[1].columns) for r in tables[1].rows)
+    assert tables[1].rows[0][0] == "random (2 sets)"

@@ -37,3 +37,34 @@ def test_demo_evaluation_ids_are_used_by_no_other_stage():
     assert not {r.id for r in monitor_c} & {r.id for r in contrast_eval}
     # nor does the monitor see a translation of a retain answer
     assert monitor_c and not {r.id for r in monitor_c} & {r.id for r in benign}
+
+
+def test_transfer_evaluation_ids_are_in_no_recipe_s_training_and_never_trained_languages_in_none() -> None:
+    """configs/transfer.yaml (per-recipe overrides: ss-expansion on parallel data in five languages): the evaluation
+    ids are used by no training run in any language, and no run trains on (or monitors) a never-trained language."""
+    c = load_config(REPO / "configs" / "transfer.yaml")
+    p = Pipeline(c)
+    from neuroshield.train.recipes import recipe_runs
+
+    runs = recipe_runs(c.train, c.seed)
+    assert [r.name for r in runs] == ["precise-shield", "ss-expansion", "random-s0", "random-s1", "random-s2", "lora",
+                                      "full"]
+    evaluation = p.evaluation_harmful()
+    assert len(evaluation) == 40 * len(c.languages)
+    eval_ids = {r.id for r in evaluation}
+    never = set(c.never_trained)
+    seen_languages = set()
+    for run in runs:
+        harmful, benign = p.train_data(run.name)
+        monitor_h, monitor_c = p.monitor_prompts(harmful + benign, run.settings)
+        used = harmful + benign + monitor_h + monitor_c
+        assert not eval_ids & {r.id for r in used}, run.name
+        assert not never & {r.language for r in used}, run.name
+        seen_languages |= {r.language for r in harmful}
+        if run.name == "ss-expansion":  # parallel: the same 32 ids in each of the five languages
+            ids = {lang: {r.id for r in harmful if r.language == lang} for lang in run.settings.languages}
+            assert len(ids["en"]) == 32 and all(v == ids["en"] for v in ids.values())
+    assert seen_languages == {"en", "zh", "ar", "ru", "es"}
+    contrast_eval = {r.id for r in p.prompts("contrast", "benign", c.languages, "held-out", c.evaluate.contrast_per_language)}
+    assert contrast_eval and not contrast_eval & {r.meta.get("pair", "") for run in runs
+                                                  for r in p.train_data(run.name)[1]}

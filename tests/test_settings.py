@@ -47,11 +47,12 @@ STAGES: dict[str, type] = {"identify": IdentifyConfig, "validate": ValidateConfi
 CLI_RENAMES: dict[str, dict[str, str]] = {
     "identify": {"methods": "method", "per_language": "limit"},
     "validate": {"per_language": "limit", "benign_guard": "benign_limit"},
-    "train": {"per_language": "harmful_limit", "benign_count": "benign_limit", "neuron_parts": "parts"},
+    "train": {"per_language": "harmful_limit", "benign_count": "benign_limit", "neuron_parts": "parts",
+              "random_of": "like"},
     "evaluate": {"harmful_per_language": "limit", "benign_per_language": "benign_limit"},
 }
 # field -> the API keyword that sets it under another name
-API_RENAMES: dict[str, dict[str, str]] = {"identify": {"methods": "method"}}
+API_RENAMES: dict[str, dict[str, str]] = {"identify": {"methods": "method"}, "train": {"random_of": "like"}}
 
 # fields no CLI option sets, each with the reason
 CONFIG_ONLY: dict[str, dict[str, str]] = {
@@ -70,6 +71,9 @@ CONFIG_ONLY: dict[str, dict[str, str]] = {
                         "the contrast set's train part): pipeline only",
         "monitor_per_language": "step selection (see select_every): pipeline only",
         "select_tolerance": "step selection (see select_every): pipeline only",
+        "random_seeds": "the pipeline trains one random control per seed; the command trains one set (--seed)",
+        "overrides": "per-recipe settings of the pipeline's recipe list; the command trains one recipe with its own "
+                     "options",
     },
     "evaluate": {
         "enabled": "switches the pipeline's stage on or off; running the command is the switch",

@@ -4,7 +4,7 @@ the key."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,23 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value or {}, f"{where}.{name}")
+        elif isinstance(default, dict):  # train.overrides: name -> some keys of this very section
+            kwargs[name] = _partial_sections(cls, value, f"{where}.{name}")
         elif isinstance(default, list):
             if isinstance(value, str):
                 # "en,zh" is a list; "xsafety:A,B" is one source whose option holds commas (use [..] for several)
                 value = [value] if ":" in value else [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, int) and not isinstance(value, bool) and f.type == "list[int]":
+                value = [value]
             if not isinstance(value, list):
                 raise ConfigError(f"{where}.{name}: expected a list, got {value!r}")
-            kwargs[name] = [str(v) for v in value]
+            if f.type == "list[int]":
+                bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
+                if bad:
+                    raise ConfigError(f"{where}.{name}: expected whole numbers, got {bad}")
+                kwargs[name] = [int(v) for v in value]
+            else:
+                kwargs[name] = [str(v) for v in value]
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}.{name}: expected true/false, got {value!r}")
@@ -61,6 +71,21 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         else:
             kwargs[name] = str(value)
     return cls(**kwargs)
+
+
+def _partial_sections(cls: type, data: Any, where: str) -> dict[str, dict[str, Any]]:
+    """A mapping name -> {key: value} over keys of `cls` (train.overrides: recipe -> train keys), each value checked
+    as the section's own key would be."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of recipe -> {{key: value}}, got {data!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, keys in data.items():
+        keys = keys or {}
+        built = _build(cls, keys, f"{where}.{name}")
+        out[str(name)] = {k: getattr(built, k) for k in keys}
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -104,28 +129,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         raise ConfigError(f"{path}: held_out_fraction must be between 0 and 1")
     if config.validate.suppress_mode not in ("zero", "mean:benign"):
         raise ConfigError(f"{path}: validate.suppress_mode {config.validate.suppress_mode!r}: give zero or mean:benign")
-    from neuroshield.train.sparse import NEURON_PARTS
-
-    if config.train.neuron_parts not in NEURON_PARTS:
-        raise ConfigError(f"{path}: train.neuron_parts {config.train.neuron_parts!r}: give {' or '.join(NEURON_PARTS)}")
-    from neuroshield.neurons.selection import TRIM_SPREADS
-
-    if config.train.trim not in TRIM_SPREADS:
-        raise ConfigError(f"{path}: train.trim {config.train.trim!r}: give {' or '.join(TRIM_SPREADS)}")
-    unknown = [lang for lang in config.train.set_languages if lang not in config.languages]
-    if unknown:
-        raise ConfigError(f"{path}: train.set_languages {unknown} are not in languages {config.languages} (identify "
-                          "finds sets only for those)")
-    from neuroshield.data.loaders import DATASETS
-
-    for key in ("harmful", "benign"):
-        for source in getattr(config.train, key):
-            name = source.split(":", 1)[0]
-            if name not in DATASETS and not Path(source).expanduser().is_file():
-                raise ConfigError(f"{path}: train.{key} {source!r}: not a known data set ({', '.join(DATASETS)}) "
-                                  "nor a file" + ("; [] uses identify's first harmful source" if key == "harmful" else ""))
-    if not 0 <= config.train.benign_fraction <= 1:
-        raise ConfigError(f"{path}: train.benign_fraction must be between 0 and 1")
     bad = [m for m in config.modalities if m not in ("text", "image")]
     if bad or "text" not in config.modalities:
         raise ConfigError(f"{path}: modalities {config.modalities}: give text, or text and image")
@@ -187,7 +190,7 @@ def check_values(config: PipelineConfig, where: str = "config") -> None:
     Raises ConfigError naming the key."""
     for (section, key), (low, high, low_open) in RANGES.items():
         node = getattr(config, section) if section else config
-        if not hasattr(node, key):
+        if not hasattr(node, key) or section == "train":  # train: per recipe, in _check_train
             continue
         value = getattr(node, key)
         if not _in_range(float(value), low, high, low_open):
@@ -225,22 +228,112 @@ def check_values(config: PipelineConfig, where: str = "config") -> None:
     extra = [lang for lang in vc.languages if lang not in config.languages]
     if extra:
         raise ConfigError(f"{where}: validate.languages {extra} are not in languages {config.languages}")
+    _check_transfer(config, where)
     tc = config.train
-    from neuroshield.train.recipes import NEURON_RECIPES, RECIPES
+    from neuroshield.train.recipes import NEURON_RECIPES, RECIPES, RUN_WIDE_TRAIN_KEYS, recipe_settings
 
     bad = [r for r in tc.recipes if r not in RECIPES]
     if bad or (tc.enabled and not tc.recipes):
         raise ConfigError(f"{where}: train.recipes {tc.recipes}: unknown recipe(s) {bad}; give one or more of "
                           f"{', '.join(RECIPES)}")
-    if tc.enabled and tc.method not in ic.methods and any(r in NEURON_RECIPES for r in tc.recipes):
-        raise ConfigError(f"{where}: train.method {tc.method!r} is not among identify.methods {ic.methods} (the "
-                          "neuron recipes train identify's sets of that method)")
-    if not tc.languages:
-        raise ConfigError(f"{where}: train.languages: give at least one language")
-    if tc.benign_answers not in ("self", "reference"):
-        raise ConfigError(f"{where}: train.benign_answers {tc.benign_answers!r}: give self or reference")
+    controlled = [r for r in NEURON_RECIPES if r != "random"]
+    if tc.random_of not in controlled:
+        raise ConfigError(f"{where}: train.random_of {tc.random_of!r}: give {' or '.join(controlled)} (the recipe whose "
+                          "set the random control copies, layer by layer)")
+    if any(s < 0 for s in tc.random_seeds) or len(set(tc.random_seeds)) < len(tc.random_seeds):
+        raise ConfigError(f"{where}: train.random_seeds {tc.random_seeds}: give different seeds >= 0")
+    for recipe, keys in tc.overrides.items():
+        if recipe not in tc.recipes:
+            raise ConfigError(f"{where}: train.overrides.{recipe}: {recipe!r} is not in train.recipes {tc.recipes}")
+        fixed = sorted(set(keys) & set(RUN_WIDE_TRAIN_KEYS))
+        if fixed:
+            raise ConfigError(f"{where}: train.overrides.{recipe}: {fixed} hold for every recipe; set them in train")
+    _check_train(config, tc, where, lambda key: f"train.{key}")
+    for recipe in tc.recipes if tc.enabled else []:
+        # the recipe's merged settings; a message names the override that set the key (random: its own or that of
+        # the recipe it controls)
+        sources = [recipe] + ([tc.random_of] if recipe == "random" else [])
+
+        def name(key: str, sources: list[str] = sources) -> str:
+            owner = next((r for r in sources if key in tc.overrides.get(r, {})), None)
+            return f"train.overrides.{owner}.{key}" if owner else f"train.{key}"
+
+        settings = recipe_settings(tc, recipe)
+        if any(tc.overrides.get(r) for r in sources):
+            _check_train(config, settings, where, name)
+        _check_never_trained(config, settings, where, name, recipe)
     from neuroshield.judges.registry import JUDGE_NAMES
 
     judge = config.evaluate.judge
     if judge not in JUDGE_NAMES and not Path(judge).expanduser().exists():
         raise ConfigError(f"{where}: evaluate.judge {judge!r}: give {' or '.join(JUDGE_NAMES)}, or a classifier folder")
+
+
+def _check_transfer(config: PipelineConfig, where: str) -> None:
+    """never_trained: languages of the run, none of them high-resource, some language left to train on."""
+    nt = config.never_trained
+    extra = [lang for lang in nt if lang not in config.languages]
+    if extra:
+        raise ConfigError(f"{where}: never_trained {extra} are not in languages {config.languages}")
+    if set(nt) & set(config.high_resource):
+        raise ConfigError(f"{where}: never_trained {nt} holds a high-resource language {config.high_resource}: the "
+                          "high-resource language is trained on")
+
+
+
+def _check_never_trained(config: PipelineConfig, tc: TrainConfig, where: str, name: Callable[[str], str],
+                         recipe: str) -> None:
+    """No never-trained language in what `recipe` (settings `tc`) trains on, nor in the sets it unites when identify
+    leaves them out."""
+    nt = set(config.never_trained)
+    if not nt:
+        return
+    keys = ["languages", "benign_languages"] + ([] if config.identify_never_trained else ["set_languages"])
+    for key in keys:
+        found = [lang for lang in getattr(tc, key) if lang in nt]
+        if found:
+            raise ConfigError(f"{where}: {name(key)} has never-trained language(s) {found} (recipe {recipe}; "
+                              f"never_trained: {config.never_trained}): the transfer test needs languages no recipe "
+                              "trains on; remove them here or from never_trained")
+
+
+def _check_train(config: PipelineConfig, tc: TrainConfig, where: str, name: Callable[[str], str]) -> None:
+    """The train settings `tc` (train's own, or one recipe's merged with its overrides); `name(key)` is the key as the
+    messages give it (train.<key> or train.overrides.<recipe>.<key>)."""
+    for (section, key), (low, high, low_open) in RANGES.items():
+        if section == "train" and not _in_range(float(getattr(tc, key)), low, high, low_open):
+            raise ConfigError(f"{where}: {name(key)} = {getattr(tc, key)!r}: must be {_range_text(low, high, low_open)}")
+    from neuroshield.train.sparse import NEURON_PARTS
+
+    if tc.neuron_parts not in NEURON_PARTS:
+        raise ConfigError(f"{where}: {name('neuron_parts')} {tc.neuron_parts!r}: give {' or '.join(NEURON_PARTS)}")
+    from neuroshield.neurons.selection import TRIM_SPREADS
+
+    if tc.trim not in TRIM_SPREADS:
+        raise ConfigError(f"{where}: {name('trim')} {tc.trim!r}: give {' or '.join(TRIM_SPREADS)}")
+    from neuroshield.train.recipes import NEURON_RECIPES, REFUSALS
+
+    if tc.refusals not in REFUSALS:
+        raise ConfigError(f"{where}: {name('refusals')} {tc.refusals!r}: give {' or '.join(REFUSALS)}")
+    langs = config.identify_languages
+    unknown = [lang for lang in tc.set_languages if lang not in langs]
+    if unknown:
+        raise ConfigError(f"{where}: {name('set_languages')} {unknown} are not in languages {langs} (identify "
+                          "finds sets only for those)")
+    from neuroshield.data.loaders import DATASETS
+
+    for key in ("harmful", "benign"):
+        for source in getattr(tc, key):
+            source_name = source.split(":", 1)[0]
+            if source_name not in DATASETS and not Path(source).expanduser().is_file():
+                raise ConfigError(f"{where}: {name(key)} {source!r}: not a known data set ({', '.join(DATASETS)}) "
+                                  "nor a file" + ("; [] uses identify's first harmful source" if key == "harmful" else ""))
+    if not 0 <= tc.benign_fraction <= 1:
+        raise ConfigError(f"{where}: {name('benign_fraction')} must be between 0 and 1")
+    if tc.enabled and tc.method not in config.identify.methods and any(r in NEURON_RECIPES for r in tc.recipes):
+        raise ConfigError(f"{where}: {name('method')} {tc.method!r} is not among identify.methods "
+                          f"{config.identify.methods} (the neuron recipes train identify's sets of that method)")
+    if not tc.languages:
+        raise ConfigError(f"{where}: {name('languages')}: give at least one language")
+    if tc.benign_answers not in ("self", "reference"):
+        raise ConfigError(f"{where}: {name('benign_answers')} {tc.benign_answers!r}: give self or reference")

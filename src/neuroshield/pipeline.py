@@ -102,11 +102,21 @@ class Pipeline:
         c = self.config
         return pick_prompts(source, label, languages, split, limit, held_out_fraction=c.held_out_fraction, seed=c.seed)
 
-    def harmful(self, languages: list[str], split: str, limit: int | None, source: str = "") -> list[PromptRecord]:
+    def harmful(self, languages: list[str], split: str, limit: int | None, source: str = "", *,
+                parallel: bool = False) -> list[PromptRecord]:
         """Held-in / held-out harmful prompts of `source` (default: the first harmful source of identify), in
         every configured modality: image records are the same prompts rendered FigStep-style
-        (`runs/<name>/images`), same ids, same split."""
-        text = self.prompts(source or self.config.identify.harmful[0], "harmful", languages, split, limit)
+        (`runs/<name>/images`), same ids, same split. `parallel`: the same ids in every one of `languages`
+        (`neurons.splits.parallel_pick`)."""
+        source = source or self.config.identify.harmful[0]
+        if parallel:
+            from neuroshield.neurons.splits import parallel_pick
+
+            c = self.config
+            text = parallel_pick(source, "harmful", languages, split, limit, held_out_fraction=c.held_out_fraction,
+                                 seed=c.seed)
+        else:
+            text = self.prompts(source, "harmful", languages, split, limit)
         if "image" not in self.config.modalities:
             return text
         from neuroshield.data.typography import render_prompt_records
@@ -176,18 +186,19 @@ class Pipeline:
         from neuroshield.neurons.identify import identify, overlap_report
 
         c, ic = self.config, self.config.identify
-        harmful = [r for s in ic.harmful for r in self.prompts(s, "harmful", c.languages, "held-in", ic.per_language)]
+        langs = c.identify_languages  # identify_never_trained: false leaves the never-trained languages out
+        harmful = [r for s in ic.harmful for r in self.prompts(s, "harmful", langs, "held-in", ic.per_language)]
         if "image" in c.modalities:
             from neuroshield.data.typography import render_prompt_records
 
             harmful += render_prompt_records(harmful, self.run_dir / "images")
-        benign = [r for s in ic.benign for r in self.prompts(s, "benign", c.languages, "held-in", ic.per_language)]
-        inputs = {"config": ic.__dict__, "languages": c.languages, "high_resource": c.high_resource,
+        benign = [r for s in ic.benign for r in self.prompts(s, "benign", langs, "held-in", ic.per_language)]
+        inputs = {"config": ic.__dict__, "languages": langs, "high_resource": c.high_resource,
                   "model": self.model_identity(), "harmful": _records_fingerprint(harmful),
                   "benign": _records_fingerprint(benign)}
 
         def body(out: Path) -> dict[str, Any]:
-            result = identify(self._loaded, harmful, benign, languages=c.languages, method=ic.methods, rho=ic.rho,
+            result = identify(self._loaded, harmful, benign, languages=langs, method=ic.methods, rho=ic.rho,
                               sites=ic.sites, positions=ic.positions, high_resource=c.high_resource, out_dir=out,
                               batch_size=ic.batch_size, seed=c.seed)
             overlap_report(out)
@@ -201,7 +212,8 @@ class Pipeline:
 
         c, vc = self.config, self.config.validate
         set_dir = self.run_dir / "identify" / vc.method
-        langs = [lang for lang in c.languages if not vc.languages or lang in vc.languages]
+        # the languages identify found sets in
+        langs = [lang for lang in c.identify_languages if not vc.languages or lang in vc.languages]
         harmful = self.validation_harmful()
         guard = [r for lang in c.languages[:2]
                  for r in self.prompts("parallel-benign", "benign", [lang], "held-out", vc.benign_guard)]
@@ -250,12 +262,27 @@ class Pipeline:
 
         return self._stage("validate", inputs, body)
 
-    def train_data(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
-        """(harmful, benign) held-in training prompts as `train` configures them."""
-        tc = self.config.train
+    def recipe_run(self, name: str) -> Any:
+        """The `train.recipe_runs` entry named `name` (a recipe, or random-s<seed>)."""
+        from neuroshield.train.recipes import recipe_runs
+
+        runs = {r.name: r for r in recipe_runs(self.config.train, self.config.seed)}
+        if name not in runs:
+            raise ValueError(f"no training run {name!r} in train.recipes {self.config.train.recipes} (runs: "
+                             f"{', '.join(runs)})")
+        return runs[name]
+
+    def train_data(self, name: str = "") -> tuple[list[PromptRecord], list[PromptRecord]]:
+        """(harmful, benign) held-in training prompts of the run `name` (its recipe's settings, overrides applied;
+        "": `train` itself). `refusals: parallel` takes the same ids in every training language."""
+        tc = self.recipe_run(name).settings if name else self.config.train
         sources = tc.harmful or self.config.identify.harmful[:1]
-        harmful = [r for source in sources for lang in tc.languages
-                   for r in self.harmful([lang], "held-in", tc.per_language, source)]
+        if tc.refusals == "parallel":
+            harmful = [r for source in sources
+                       for r in self.harmful(list(tc.languages), "held-in", tc.per_language, source, parallel=True)]
+        else:
+            harmful = [r for source in sources for lang in tc.languages
+                       for r in self.harmful([lang], "held-in", tc.per_language, source)]
         if not harmful:
             raise ValueError(f"train.harmful {sources} has no held-in prompts in train.languages {tc.languages}: choose "
                              "a source that has these languages")
@@ -263,11 +290,12 @@ class Pipeline:
                   for r in self.prompts(source, "benign", tc.benign_languages, "held-in", tc.benign_count)]
         return harmful, benign
 
-    def train_recipe(self, recipe: str, out_dir: Path, *, resume: bool = True, export: bool = True,
+    def train_recipe(self, name: str, out_dir: Path, *, resume: bool = True, export: bool = True,
                      progress: bool = True, loaded: Any = None,
                      on_step: Callable[[int, dict[str, Any]], float | None] | None = None) -> tuple[Any, Any]:
-        """Train `recipe` from fresh base weights with the `train` config on `train_data()`; needs identify's
-        sets for the neuron recipes. Returns (the trained LoadedModel, its TrainResult). The base model's benign
+        """Train the run `name` (a recipe of `train.recipes`, or random-s<seed>) from fresh base weights with its
+        recipe's settings (`train.recipes.recipe_settings`) on `train_data(name)`; needs identify's sets for the neuron
+        recipes. Returns (the trained LoadedModel, its TrainResult). The base model's benign
         answers are cached beside `out_dir` (shared by the recipes). `loaded`: the base model to train in place
         (default: a fresh copy); `on_step(step, record)` runs after each optimizer step with the weights so far
         in effect on `loaded` (the training sweep screens intermediate steps with it)."""
@@ -275,43 +303,50 @@ class Pipeline:
         from neuroshield.train.recipes import NEURON_RECIPES, recipe_neuron_set
         from neuroshield.train.trainer import train
 
-        c, tc = self.config, self.config.train
-        harmful, benign = self.train_data()
+        c = self.config
+        run = self.recipe_run(name)
+        recipe, tc = run.recipe, run.settings
+        harmful, benign = self.train_data(name)
         loaded = loaded if loaded is not None else self.base_model()  # every recipe starts from the base weights
         neuron_set = None
         if recipe in NEURON_RECIPES:
+            # random: the control of `random_of`'s set, with that recipe's settings (recipe_settings) and its own seed
             neuron_set = recipe_neuron_set(recipe, loaded, self.run_dir / "identify" / tc.method,
-                                           set_languages=tc.set_languages or c.languages, modalities=c.modalities,
-                                           high_resource=c.high_resource[0], budget=tc.budget, seed=c.seed,
-                                           trim=tc.trim)
+                                           set_languages=tc.set_languages or c.identify_languages,
+                                           modalities=c.modalities, high_resource=c.high_resource[0],
+                                           budget=tc.budget, like=tc.random_of,
+                                           seed=c.seed if run.set_seed is None else run.set_seed, trim=tc.trim)
         if on_step is None and tc.select_every > 0:
-            on_step = self.step_selector(loaded, harmful + benign, out_dir)
+            on_step = self.step_selector(loaded, harmful + benign, out_dir, tc)
         options = TrainOptions(resume=resume, export=export, progress=progress,
                                benign_cache=str(out_dir.parent / BENIGN_CACHE))
         result = train(loaded, recipe, tc, harmful=harmful, benign=benign, out_dir=out_dir, neuron_set=neuron_set,
                        seed=c.seed, options=options, on_step=on_step)
         if tc.select_every > 0 and result is not None and not getattr(result, "interrupted", False):
-            plot_selection(out_dir, f"{recipe}: harmful vs exaggerated refusal during training")
+            plot_selection(out_dir, f"{name}: harmful vs exaggerated refusal during training")
         return loaded, result
 
-    def monitor_prompts(self, trained: list[PromptRecord]) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    def monitor_prompts(self, trained: list[PromptRecord], settings: Any = None
+                        ) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """(harmful, contrast) prompts that select the training step: held-in harmful prompts of every language
         and prompts of the contrast set's train part, both of ids that training (`trained`: its harmful and retain
-        prompts) does not use in any language; never evaluation prompts."""
-        c, tc = self.config, self.config.train
+        prompts) does not use in any language; never evaluation prompts, never a never-trained language (the step
+        chosen must not depend on them). `settings`: the recipe's train settings (default: `train`)."""
+        c, tc = self.config, settings or self.config.train
         used = {r.id for r in trained}
         source = c.identify.harmful[0]
-        pool = [r for r in self.prompts(source, "harmful", c.languages, "held-in", None) if r.id not in used]
+        langs = c.trained_languages
+        pool = [r for r in self.prompts(source, "harmful", langs, "held-in", None) if r.id not in used]
         from neuroshield.neurons.splits import limit_per_group
 
         harmful = limit_per_group(pool, tc.monitor_per_language, c.seed)
         # contrast ids that the retain set does not answer in any language: a translation of a trained answer would
         # show what training memorised, not what it does to unseen safe requests
-        scary = [r for r in self.prompts("contrast", "benign", c.languages, "held-in", None) if r.id not in used]
+        scary = [r for r in self.prompts("contrast", "benign", langs, "held-in", None) if r.id not in used]
         contrast = limit_per_group(scary, tc.monitor_per_language, c.seed)
         return harmful, contrast
 
-    def step_selector(self, loaded: Any, trained: list[PromptRecord], out_dir: Path
+    def step_selector(self, loaded: Any, trained: list[PromptRecord], out_dir: Path, settings: Any = None
                       ) -> Callable[[int, dict[str, Any]], float | None]:
         """An `on_step` for `train`: every `select_every` steps, short greedy answers to `monitor_prompts`,
         judged; returns the selection score (harmful refusal, less twice the contrast refusal beyond the base
@@ -319,8 +354,8 @@ class Pipeline:
         from neuroshield.generate.generation import generate_responses
         from neuroshield.judges.registry import get_judge, judge_responses, result_verdict
 
-        tc = self.config.train
-        harmful, contrast = self.monitor_prompts(trained)
+        tc = settings or self.config.train
+        harmful, contrast = self.monitor_prompts(trained, tc)
         prompts = harmful + contrast
         judge = get_judge("refusal-phrase")
 
@@ -355,46 +390,51 @@ class Pipeline:
         return on_step
 
     def train(self, identified: dict[str, Any]) -> dict[str, Any]:
-        from neuroshield.train.recipes import NEURON_RECIPES, RECIPES
+        from neuroshield.train.recipes import NEURON_RECIPES, RECIPES, recipe_runs
 
         c, tc = self.config, self.config.train
         unknown = [r for r in tc.recipes if r not in RECIPES]
         if unknown:  # before any recipe trains (load_config says so too)
             raise ValueError(f"train.recipes: unknown recipe(s) {unknown}; recipes: {', '.join(RECIPES)}")
-        harmful, benign = self.train_data()
-        # the model (and its dtype) is an input of every recipe: LoRA and full fine-tuning do not read identify
-        inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "harmful": _records_fingerprint(harmful),
-                  "benign": _records_fingerprint(benign), "seed": c.seed, "model": self.model_identity()}
+        runs = recipe_runs(tc, c.seed)
+        data = {run.name: [_records_fingerprint(recs) for recs in self.train_data(run.name)] for run in runs}
+        # the model (and its dtype) is an input of every recipe: LoRA and full fine-tuning do not read identify; the
+        # config holds the per-recipe overrides, `data` each run's (harmful, benign) prompts
+        inputs = {"config": tc.__dict__, "identify": identified["fingerprint"], "data": data, "seed": c.seed,
+                  "model": self.model_identity()}
 
         def body(out: Path) -> dict[str, Any]:
             results: dict[str, Any] = {}
-            for recipe in tc.recipes:
-                # a recipe finished with the same inputs is reused, so adding a recipe to the config trains
-                # only that one
-                # (LoRA and full fine-tuning ignore the neuron-only keys: changing the neurons' learning rate or
-                # set does not train them again)
-                ignored = {"recipes"} | (set() if recipe in NEURON_RECIPES else NEURON_ONLY_TRAIN_KEYS)
-                recipe_key = _fingerprint({**inputs, "config": {k: v for k, v in tc.__dict__.items() if k not in ignored},
+            for run in runs:
+                name, recipe = run.name, run.recipe
+                # a run finished with the same inputs is reused, so adding a recipe to the config trains only that
+                # one; its inputs are its recipe's settings (overrides applied), its data and, for a random control,
+                # its set's seed (LoRA and full fine-tuning ignore the neuron-only keys: changing the neurons'
+                # learning rate or set does not train them again)
+                ignored = ({"recipes", "overrides", "random_seeds"} | ({"random_of"} if recipe != "random" else set())
+                           | (set() if recipe in NEURON_RECIPES else NEURON_ONLY_TRAIN_KEYS))
+                settings = {k: v for k, v in run.settings.__dict__.items() if k not in ignored}
+                recipe_key = _fingerprint({**inputs, "config": settings, "data": data[name],
                                            "identify": inputs["identify"] if recipe in NEURON_RECIPES else None,
-                                           "recipe": recipe, "version": __version__})
-                marker = out / recipe / "pipeline-recipe.json"
-                started = out / recipe / "pipeline-recipe-started.json"
+                                           "recipe": recipe, "set_seed": run.set_seed, "version": __version__})
+                marker = out / name / "pipeline-recipe.json"
+                started = out / name / "pipeline-recipe-started.json"
                 done = self._read_marker(marker, recipe_key) if marker.is_file() else None
                 if done is not None:
-                    results[recipe] = done["outputs"]
-                    log.info("train %s: up to date, reused (%s)", recipe, marker)
+                    results[name] = done["outputs"]
+                    log.info("train %s: up to date, reused (%s)", name, marker)
                     continue
                 marker.unlink(missing_ok=True)
                 # resume only an interrupted run of these very inputs; other checkpoints are stale
                 resume = started.is_file() and _marker_fingerprint(started) == recipe_key
                 started.parent.mkdir(parents=True, exist_ok=True)
                 _write_json(started, {"fingerprint": recipe_key})
-                _, result = self.train_recipe(recipe, out / recipe, resume=resume)
-                results[recipe] = {"patch": result.patch, "model_dir": result.model_dir,
-                                   "parameters_updated": result.parameters_updated,
-                                   "fraction_updated": result.fraction_updated, "summary": str(out / recipe / "summary.json")}
+                _, result = self.train_recipe(name, out / name, resume=resume)
+                results[name] = {"patch": result.patch, "model_dir": result.model_dir,
+                                 "parameters_updated": result.parameters_updated,
+                                 "fraction_updated": result.fraction_updated, "summary": str(out / name / "summary.json")}
                 if not result.interrupted:
-                    _write_json(marker, {"fingerprint": recipe_key, "outputs": self.relative(results[recipe])})
+                    _write_json(marker, {"fingerprint": recipe_key, "outputs": self.relative(results[name])})
             return {"recipes": results}
 
         return self._stage("train", inputs, body)
@@ -468,19 +508,23 @@ class Pipeline:
 
     # --- all --------------------------------------------------------------------------------------
     def write_headline(self) -> Path | None:
-        """`<run>/evaluate/headline.json` and `.md`: per model, high-resource against the other languages, with paired
-        differences against base and random (`evaluate.headline`); None when nothing was evaluated."""
-        from neuroshield.evaluate.headline import format_headline, headline
+        """`<run>/evaluate/headline.json` and `.md`: per model, high-resource against the other languages (and trained
+        against never-trained ones, when the config fixes the split), with paired differences against base and random,
+        and the random sets one by one when there are several (`evaluate.headline`); None when nothing was
+        evaluated."""
+        from neuroshield.evaluate.headline import format_headline, format_random_sets, headline
 
         folder = self.run_dir / "evaluate"
         if not folder.is_dir():
             return None
-        h = headline(folder, high_resource=self.config.high_resource, seed=self.config.seed)
+        h = headline(folder, high_resource=self.config.high_resource, never_trained=self.config.never_trained,
+                     seed=self.config.seed)
         if not h["models"]:
             return None
         _write_json(folder / "headline.json", h)
         md = folder / "headline.md"
-        atomic_write_text(md, format_headline(h) + "\n")
+        sets = format_random_sets(h)
+        atomic_write_text(md, format_headline(h) + "\n" + (f"\nRandom sets, one by one:\n\n{sets}\n" if sets else ""))
         return md
 
     def run(self, stages: tuple[str, ...] = STAGES) -> Path:

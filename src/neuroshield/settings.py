@@ -86,6 +86,18 @@ class TrainConfig:
     select_every: int = 0
     monitor_per_language: int = 4  # harmful and contrast prompts per language for the selection
     select_tolerance: float = 0.05
+    # which held-in harmful ids each training language gets: language (each language picks its own) | parallel (the
+    # same ids in every one of `languages`, each prompt in that language with a refusal template in that language:
+    # ss-expansion as published; ids a training language lacks are left out)
+    refusals: str = "language"
+    # the random control copies the set of `random_of` (same count per layer and site) and trains with that recipe's
+    # settings (its overrides, then random's own); one set per seed in `random_seeds`, named random-s<seed>
+    # ([]: one set with the run's seed, named random)
+    random_of: str = "precise-shield"
+    random_seeds: list[int] = field(default_factory=list)
+    # per-recipe settings over the ones above: recipe -> {train key: value}, e.g.
+    # {ss-expansion: {languages: [en, zh], refusals: parallel}}
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,6 +153,11 @@ class PipelineConfig:
     # "image" adds FigStep-style typographic versions of the harmful prompts (needs a vision-language model)
     modalities: list[str] = field(default_factory=lambda: ["text"])
     held_out_fraction: float = 0.5
+    # the transfer protocol: languages (of `languages`) that no recipe trains on (train.languages,
+    # train.benign_languages, the step selection's monitor), fixed before any result is seen; the headline pools them
+    # apart from the trained ones ([]: no split)
+    never_trained: list[str] = field(default_factory=list)
+    identify_never_trained: bool = True  # false: identify (and so train.set_languages) leaves them out too
     identify: IdentifyConfig = field(default_factory=IdentifyConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -149,6 +166,16 @@ class PipelineConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    @property
+    def trained_languages(self) -> list[str]:
+        """`languages` less `never_trained`: those training may use."""
+        return [lang for lang in self.languages if lang not in self.never_trained]
+
+    @property
+    def identify_languages(self) -> list[str]:
+        """The languages identify finds neurons in: `languages`, less `never_trained` unless identify_never_trained."""
+        return self.languages if self.identify_never_trained else self.trained_languages
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         set_languages: str = typer.Option(joined(TC.set_languages), help="precise-shield: languages whose sets to unite "
                                           "(default: every ms_<lang> in the --set folder)."),
         modalities: str = typer.Option("text", help="precise-shield: modalities whose sets to unite (text,image)."),
-        like: str = typer.Option("precise-shield", help="random: the recipe whose set the control copies."),
+        like: str = typer.Option(TC.random_of, help="random: the recipe whose set the control copies "
+                                 "(train.random_of)."),
         high_resource: str = typer.Option(RUN.high_resource[0], help="ss-expansion: the high-resource language."),
         budget: float = typer.Option(TC.budget, help="precise-shield: parameter budget as a fraction of all."),
         trim: str = typer.Option(TC.trim, help="How --budget trims the set (precise-shield, and the random "
@@ -37,6 +38,8 @@ def register(app: typer.Typer) -> None:
         held_out_fraction: float = typer.Option(RUN.held_out_fraction, help="Share of prompt ids held out for "
                                                 "evaluation."),
         split_seed: int = typer.Option(RUN.seed, help="Seed of the held-in/held-out split."),
+        refusals: str = typer.Option(TC.refusals, help="language (each language picks its own ids) | parallel (the "
+                                     "same ids in every one of --languages, a refusal in each language)."),
         harmful_limit: int = typer.Option(TC.per_language, help="At most this many harmful prompts per language "
                                           "and source (train.per_language)."),
         use_references: bool = typer.Option(TO.use_references, help="Harmful records with a reference refusal use it."),
@@ -92,7 +95,7 @@ def register(app: typer.Typer) -> None:
             langs = split_list(languages)
             settings = TrainConfig(
                 set_languages=split_list(set_languages) or [], languages=langs or [], per_language=harmful_limit,
-                harmful=split_sources(harmful), benign=split_sources(benign),
+                harmful=split_sources(harmful), benign=split_sources(benign), refusals=refusals, random_of=like,
                 benign_languages=split_list(benign_languages) or [], benign_count=benign_limit,
                 benign_fraction=benign_fraction, benign_answers=benign_answers,
                 benign_max_new_tokens=benign_max_new_tokens, steps=steps, warmup_steps=warmup_steps,
@@ -111,7 +114,17 @@ def register(app: typer.Typer) -> None:
                                                                       held_out_fraction=held_out_fraction,
                                                                       seed=split_seed)]
 
-            harm = with_images(pick(settings.harmful, "harmful", langs, harmful_split, harmful_limit), images)
+            if refusals == "parallel":
+                from neuroshield.neurons.splits import parallel_pick
+
+                harm = [r for source in settings.harmful
+                        for r in parallel_pick(source, "harmful", langs or [], harmful_split, harmful_limit,
+                                               held_out_fraction=held_out_fraction, seed=split_seed)]
+                harm = with_images(harm, images)
+            elif refusals == "language":
+                harm = with_images(pick(settings.harmful, "harmful", langs, harmful_split, harmful_limit), images)
+            else:
+                raise ValueError(f"--refusals {refusals!r}: give language or parallel")
             ben = pick(settings.benign, "benign", split_list(benign_languages), benign_split, benign_limit)
             ns = None
             if recipe in NEURON_RECIPES:

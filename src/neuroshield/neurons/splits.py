@@ -127,6 +127,26 @@ def pick_prompts(source: str, label: str | None, languages: Sequence[str] | None
     return limit_per_group(records, limit, seed)
 
 
+def parallel_pick(source: str, label: str | None, languages: Sequence[str], split: str = "held-in",
+                  limit: int | None = None, *, held_out_fraction: float = 0.5, seed: int = 0) -> list[PromptRecord]:
+    """Parallel prompts: `limit` ids that `source` has in every one of `languages` (the `split` by id), the same ids in
+    each language, ranked as `limit_per_group` ranks them. Raises when the source lacks one of the languages; warns
+    when fewer than `limit` ids are common to all of them."""
+    records = pick_prompts(source, label, languages, split, None, held_out_fraction=held_out_fraction, seed=seed)
+    ids: dict[str, set[str]] = {}
+    for r in records:
+        ids.setdefault(r.language, set()).add(r.id)
+    missing = [lang for lang in languages if lang not in ids]
+    if missing:
+        raise ValueError(f"{source} has no {split} {label or ''} prompts in {', '.join(missing)}: parallel data needs "
+                         "every training language")
+    common = set.intersection(*(ids[lang] for lang in languages)) if languages else set()
+    if limit is not None and len(common) < limit:
+        log.warning("%s: only %d %s ids are in every one of %s (asked for %d)", source, len(common), split,
+                    ", ".join(languages), limit)
+    return limit_per_group([r for r in records if r.id in common], limit, seed)
+
+
 def validation_pick(source: str, languages: Sequence[str] | None, limit: int | None, *,
                     held_out_fraction: float = 0.5, seed: int = 0) -> dict[str, list[PromptRecord]]:
     """The held-out harmful prompts validation intervenes on: `limit` per language (None: every language the
@@ -149,4 +169,4 @@ def evaluation_pick(source: str, languages: Sequence[str] | None, limit: int | N
 
 
 __all__ = ["SPLITS", "held_out_score", "is_held_out", "split_by_id", "select_split", "limit_per_group",
-           "pick_prompts", "validation_pick", "evaluation_pick"]
+           "pick_prompts", "parallel_pick", "validation_pick", "evaluation_pick"]

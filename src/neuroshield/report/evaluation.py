@@ -72,22 +72,40 @@ def rate_table(ev: Evals, role: str, with_delta: bool, title: str) -> Table | No
                  title=title)
 
 
-def headline_table(run: Path) -> Table | None:
-    """evaluate/headline.json (`evaluate.headline`) as a table: English against the pooled other languages."""
+def _md_rows(markdown: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a Markdown table as `evaluate.headline` prints it."""
+    lines = [line.strip().strip("|").split(" | ") for line in markdown.splitlines()]
+    return [c.strip() for c in lines[0]], [[c.strip() for c in r] for r in lines[2:]]
+
+
+def headline_tables(run: Path) -> list[Table]:
+    """evaluate/headline.json (`evaluate.headline`) as tables: English against the pooled other languages (and the
+    pooled trained against the pooled never-trained languages, when the run fixed the split); with several random
+    sets, each recipe against each set."""
     path = run / "evaluate" / "headline.json"
     data, err = read_json(path) if path.is_file() else (None, None)
     if not isinstance(data, dict) or not data.get("models"):
-        return None
-    from neuroshield.evaluate.headline import format_headline
+        return []
+    from neuroshield.evaluate.headline import format_headline, format_random_sets
 
-    lines = [line.strip("|").split(" | ") for line in format_headline(data).splitlines()]
-    header, rows = [c.strip() for c in lines[0]], [[c.strip() for c in r] for r in lines[2:]]
-    return Table(header, rows, "Per model, English against every other language pooled: shares in % with bootstrap 95 % "
-                 "intervals; Δ are paired differences over the same prompts, in points, against the base model and "
-                 "against the random control (the mean of the random sets). ASR counts compliance only; invalid "
-                 "answers (empty, looping, copies of the prompt) are shown apart. Exaggerated refusal: the contrast "
-                 "set's eval part (safe requests that sound dangerous). XCOPA: log-likelihood of the two choices.",
-                 [False, False] + [True] * (len(header) - 2), title="Headline")
+    header, rows = _md_rows(format_headline(data))
+    split = (" The trained and never-trained rows pool the languages some recipe trained on and those that no recipe "
+             "trained on (never_trained, fixed in the config before the run).") if data.get("never_trained") else ""
+    tables = [Table(header, rows, "Per model, English against every other language pooled: shares in % with bootstrap "
+                    "95 % intervals; Δ are paired differences over the same prompts, in points, against the base model "
+                    "and against the random control (the mean of the random sets). ASR counts compliance only; invalid "
+                    "answers (empty, looping, copies of the prompt) are shown apart. Exaggerated refusal: the contrast "
+                    "set's eval part (safe requests that sound dangerous). XCOPA: log-likelihood of the two choices."
+                    + split, [False, False] + [True] * (len(header) - 2), title="Headline")]
+    sets = format_random_sets(data)
+    if sets:
+        header, rows = _md_rows(sets)
+        tables.append(Table(header, rows, "The random control set by set (same count per layer as the set it "
+                            "controls, different seeds): their ASR as mean ± standard deviation and range, and each "
+                            "model's paired ASR difference against each set, in points, with a paired-bootstrap 95 % "
+                            "interval and the discordant prompts (fewer / more answered than the set).",
+                            [False, False] + [True] * (len(header) - 2), title="Against each random set"))
+    return tables
 
 
 def evaluate_section(run: Path, fig_dir: Path, ev: Evals) -> Section:
@@ -113,9 +131,8 @@ def evaluate_section(run: Path, fig_dir: Path, ev: Evals) -> Section:
     sec.add(Table(cols, rows, "Evaluations found in this run. The base model (no patch) is the \"before\"; patched "
                   "models are \"after\".", [c == "wall time (s)" for c in cols], title="Evaluations"))
 
-    headline = headline_table(run)
-    if headline is not None:
-        sec.add(headline)
+    for table in headline_tables(run):
+        sec.add(table)
 
     # ---- safety ----------------------------------------------------------------------------------
     for role, (metric, label, title, stem, _) in SAFETY_METRICS.items():

@@ -20,6 +20,8 @@ examples (`prepare_examples`, `training_data`) and what is trainable (`trainable
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -60,6 +62,47 @@ DEFAULT_HIGH_RESOURCE = PipelineConfig().high_resource[0]
 DEFAULT_LR: dict[str, float] = {"precise-shield": _TC.lr, "ss-expansion": _TC.lr, "random": _TC.lr, "lora": 2e-4,
                                 "full": 1e-5}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REFUSALS: tuple[str, ...] = ("language", "parallel")  # train.refusals
+# train keys that say which recipes run, not how one trains: no recipe overrides them
+RUN_WIDE_TRAIN_KEYS: tuple[str, ...] = ("enabled", "recipes", "random_of", "random_seeds", "overrides")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-recipe settings and the runs of a recipe list
+# --------------------------------------------------------------------------------------------------
+
+
+def recipe_settings(settings: TrainConfig, recipe: str) -> TrainConfig:
+    """The settings `recipe` trains with: `settings` with `settings.overrides[recipe]` applied (`random`: the overrides
+    of `random_of`, the recipe it controls, then its own), without overrides left in it."""
+    merged: dict[str, Any] = {}
+    for name in ([settings.random_of] if recipe == "random" else []) + [recipe]:
+        merged.update(settings.overrides.get(name, {}))
+    return dataclasses.replace(settings, overrides={}, **copy.deepcopy(merged))
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """One training run of the pipeline: its name (the run folder and the evaluation's name), its recipe, its merged
+    settings and, for a random control, the seed of its set."""
+
+    name: str
+    recipe: str
+    settings: TrainConfig
+    set_seed: int | None = None
+
+
+def recipe_runs(settings: TrainConfig, seed: int) -> list[RecipeRun]:
+    """The runs of `settings.recipes` in order: `random` is one run per `random_seeds` entry (random-s<seed>), or one
+    named `random` with the run's `seed` when the list is empty."""
+    runs: list[RecipeRun] = []
+    for recipe in settings.recipes:
+        merged = recipe_settings(settings, recipe)
+        if recipe == "random" and settings.random_seeds:
+            runs += [RecipeRun(f"random-s{s}", recipe, merged, s) for s in settings.random_seeds]
+        else:
+            runs.append(RecipeRun(recipe, recipe, merged, seed if recipe == "random" else None))
+    return runs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +376,6 @@ def trainable_part(recipe: str, loaded: Any, neuron_set: NeuronSet | None, optio
     return Trainable(Forward(net), net, None, None, sum(p.numel() for p in net.parameters() if p.requires_grad), None)
 
 
-__all__ = ["RECIPES", "NEURON_RECIPES", "DEFAULT_BUDGET", "DEFAULT_LR", "LORA_MODULES", "recipe_neuron_set",
+__all__ = ["RECIPES", "NEURON_RECIPES", "REFUSALS", "RUN_WIDE_TRAIN_KEYS", "recipe_settings", "RecipeRun", "recipe_runs", "DEFAULT_BUDGET", "DEFAULT_LR", "LORA_MODULES", "recipe_neuron_set",
            "control_set", "recipe_lr", "find_set_files", "trim_set", "prepare_examples", "TrainingData",
            "training_data", "Trainable", "lora_model", "trainable_part"]
