@@ -34,8 +34,9 @@ def model_rows(folder: Path) -> list[dict[str, Any]]:
 
     info = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
     src = info["data"]["sources"]
+    # every id of the sources (split="all"): the prompts are only looked up by the items' keys
     suite = EvalSuite.from_sources(harmful=src.get("harmful", []), benign=src.get("benign", []),
-                                   contrast=src.get("contrast", []))
+                                   contrast=src.get("contrast", []), split="all")
     prompts = {(r.id, r.language, r.modality): r.text for role in ("harmful", "benign", "contrast")
                for r in getattr(suite, role)}
     max_new = info["settings"]["max_new_tokens"]
