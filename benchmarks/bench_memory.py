@@ -395,10 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summarise(row)
                 runs.append(row)
                 print(line(row), flush=True)
-    result = {"benchmark": "memory", "command": C.command_line(), "date": C.now_utc(), "machine": info,
-              "loadavg_before": load_before, "loadavg_after": C.loadavg(), "runs": runs,
-              "sizes": {k: getattr(args, k) for k in WORKER_FLAGS}}
-    C.write_json(args.out_name, result)
+                result = {"benchmark": "memory", "command": C.command_line(), "date": C.now_utc(), "machine": info,
+                          "loadavg_before": load_before, "loadavg_after": C.loadavg(), "runs": runs,
+                          "sizes": {k: getattr(args, k) for k in WORKER_FLAGS}}
+                C.write_json(args.out_name, result)  # after every row: an interrupted run keeps what it measured
     if not args.no_md:
         C.update_results_md("memory", markdown(result))
     print(markdown(result))
