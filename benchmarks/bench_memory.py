@@ -346,6 +346,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine the runs of these results files (e.g. one per model, run side by side) into "
                          "results/<out-name>.json and its RESULTS.md section")
+    ap.add_argument("--after", nargs="+", default=None, metavar="JSON",
+                    help="with --merge: results files measured after a change (e.g. with --no-activations), shown "
+                         "as a second table; their activations are taken from the merged runs of the same model, "
+                         "dtype and stage (the change must not touch the stage's main phase)")
+    ap.add_argument("--after-label", default="after the change")
     # worker mode
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="default", help=argparse.SUPPRESS)
@@ -364,6 +369,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "runs": [row for p in parts for row in p["runs"]],
                "loadavg_before": parts[0]["loadavg_before"], "loadavg_after": parts[-1]["loadavg_after"],
                "merged_from": [p["command"] for p in parts]}
+        for row in res["runs"]:
+            summarise(row)
+        if args.after:
+            acts = {(row["model_spec"], row["memory"]["dtype"], row["stage"]): row.get("activations")
+                    for row in res["runs"]}
+            after = [row for p in args.after for row in json.loads(Path(p).read_text())["runs"]]
+            for row in after:
+                row["activations"] = acts.get((row["model_spec"], row["memory"]["dtype"], row["stage"]))
+                summarise(row)
+            res["after_runs"], res["after_label"] = after, args.after_label
+            res["after_commands"] = [json.loads(Path(p).read_text())["command"] for p in args.after]
         C.write_json(args.out_name, res)
         args.md_only = True
     if args.md_only:
@@ -436,6 +452,11 @@ def cpu_flags() -> list[str]:
     return []
 
 
+HEADER = ("| model | dtype | stage | peak - RSS after import torch MB | weights MB | state MB | activations MB | "
+          "ratio (target <= 1.5) | peak phase |")
+RULE = "|---|---|---|---:|---:|---:|---:|---:|---|"
+
+
 def markdown(r: dict[str, Any]) -> str:
     flags = ", ".join(r["machine"].get("cpu_bf16_flags", [])) or "none"
     lines = [
@@ -448,9 +469,8 @@ def markdown(r: dict[str, Any]) -> str:
         "after `import torch`; activations from a second, profiled subprocess (tensor bytes allocated in the main "
         "phase); bound = 1.5 x (weights + state + activations)",
         "",
-        "| model | dtype | stage | peak - RSS after import torch MB | weights MB | state MB | activations MB | "
-        "ratio (target <= 1.5) | peak phase |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        HEADER,
+        RULE,
     ]
     for row in r["runs"]:
         ratio = row["ratio"]
@@ -458,15 +478,27 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {row['memory']['spec']} | {row['memory']['dtype']} | {row['stage']} | {row['peak_delta_mb']:.0f} | "
                      f"{row['weights_mb']:.0f} | {row['state_mb']:.1f} | {C.fmt(row['activations_mb'] or float('nan'), 0)} | "
                      f"{C.fmt(ratio if ratio is not None else float('nan'))}{verdict} | {row['peak_phase']} |")
+    if r.get("after_runs"):
+        lines += ["", f"After the fixes ({r['after_label']}; commands: "
+                  + "; ".join(f"`{c}`" for c in r["after_commands"]) + "; activations from the rows above):", "",
+                  HEADER, RULE]
+        for row in r["after_runs"]:
+            ratio = row["ratio"]
+            verdict = "" if ratio is None else (" ok" if ratio <= 1.5 else " **over**")
+            lines.append(f"| {row['memory']['spec']} | {row['memory']['dtype']} | {row['stage']} | "
+                         f"{row['peak_delta_mb']:.0f} | {row['weights_mb']:.0f} | {row['state_mb']:.1f} | "
+                         f"{C.fmt(row['activations_mb'] or float('nan'), 0)} | "
+                         f"{C.fmt(ratio if ratio is not None else float('nan'))}{verdict} | {row['peak_phase']} |")
     lines += ["", "Breakdown per phase: RSS at the phase's start -> its peak, both minus the RSS after `import torch`, "
                   "and the file-backed RSS (mapped files) at the phase's highest sample, MB:", ""]
-    for row in r["runs"]:
+    for row in r["runs"] + [dict(x, _after=True) for x in r.get("after_runs", [])]:
         m = row["memory"]
         base = m["rss_after_torch_mb"]
         parts = "; ".join(f"{p['phase']} {p['rss_start_mb'] - base:.0f} -> **{p['peak_mb'] - base:.0f}** "
                           f"(file-backed {p.get('file_at_peak_mb', 0):.0f})"
                           for p in m["phases"])
-        lines.append(f"- {m['spec']} {m['dtype']} {row['stage']}: {parts}")
+        lines.append(f"- {m['spec']} {m['dtype']} {row['stage']}{' (after the fixes)' if row.get('_after') else ''}: "
+                     f"{parts}")
     return "\n".join(lines)
 
 
