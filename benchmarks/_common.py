@@ -32,7 +32,8 @@ RESULTS_MD = BENCH_DIR / "RESULTS.md"
 REPO = BENCH_DIR.parent
 
 # Sections of RESULTS.md, in display order (a section not yet measured shows as "not run yet").
-SECTIONS = ("stats_overhead", "stats_memory", "plnd_vs_ablation", "train_step", "generation", "train_gpu", "dtype")
+SECTIONS = ("stats_overhead", "stats_memory", "plnd_vs_ablation", "train_step", "generation", "train_gpu", "dtype", "memory",
+            "generation_plain", "demo_dtype")
 
 MD_HEADER = """# Benchmark results
 

@@ -15,6 +15,17 @@ path and also returns the token ids, which the benchmark uses to count tokens.
 
 Default: the default model (float32), 8 prompts, batch 8, 32 new tokens, 1 warm-up + 2 timed rounds,
 1 torch thread (20 min on the busy shared 2-core machine of RESULTS.md, load ~12).
+
+`--against plain` (results/generation_plain.json, RESULTS.md section `generation_plain`) compares instead:
+
+A (`project`): `generate(loaded, prompts, GenerationConfig(max_new_tokens=32, batch_size=B))` as the pipeline calls
+   it: batches sorted by prompt length, each batch stops when every answer in it has ended (EOS).
+B (`plain`): plain transformers `model.generate` on the same prompts in their given order, B at a time, left-padded,
+   greedy, with the same end-of-sequence ids (a batch stops when every row has ended, transformers' own rule).
+
+on `--prompts` held-out XSafety harmful prompts, the same number per language in 10 languages (mixed lengths), in
+the model's `--dtype` (default `auto`). Tokens counted on both sides: each answer's tokens up to and including its
+first end-of-sequence token (what the caller gets); tokens/s = those tokens / wall (or CPU) seconds.
 """
 
 from __future__ import annotations
@@ -40,14 +51,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-md", action="store_true")
+    ap.add_argument("--against", choices=("unbatched", "plain"), default="unbatched",
+                    help="unbatched: batch 1 (default); plain: transformers `generate` on XSafety prompts (see above)")
+    ap.add_argument("--dtype", default=None, help="--against plain: the model dtype (default: auto)")
     args = ap.parse_args(argv)
     if args.md_only:
         import json
 
-        res = json.loads((C.RESULTS_DIR / "generation.json").read_text())
-        C.update_results_md("generation", markdown(res))
+        name = "generation_plain" if args.against == "plain" else "generation"
+        res = json.loads((C.RESULTS_DIR / f"{name}.json").read_text())
+        C.update_results_md(name, markdown_plain(res) if args.against == "plain" else markdown(res))
         return res
     C.quiet()
+    if args.against == "plain":
+        return against_plain(args)
 
     import torch
 
@@ -110,6 +127,113 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['speedup_cpu_median']:.2f}x cpu; "
           f"identical answers {same}/{args.prompts}")
     return result
+
+
+LANGS = ["en", "zh", "ar", "ru", "es", "fr", "de", "ja", "bn", "hi"]
+
+
+def against_plain(args: Any) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from neuroshield.data.loaders import load_prompts
+    from neuroshield.generate.generation import GenerationConfig, eos_token_ids, generate
+    from neuroshield.models import load_model
+    from neuroshield.models.chat import encode_chat
+    from neuroshield.models.loading import dtype_name
+    from neuroshield.neurons.splits import limit_per_group, select_split
+
+    info = C.machine_info()
+    loaded = load_model(args.model, dtype=args.dtype)
+    per_lang = max(1, args.prompts // len(LANGS))
+    records = limit_per_group(select_split(load_prompts("xsafety", languages=LANGS, label="harmful"), "held-out"),
+                              per_lang)
+    tok = loaded.tokenizer
+    eos = eos_token_ids(loaded)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    prompt_lengths = [len(encode_chat(tok, r.text).input_ids) for r in records]
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=args.batch_size)
+    answers: dict[str, list[tuple[int, ...]]] = {}
+
+    def cut(row: list[int]) -> tuple[int, ...]:
+        for j, t in enumerate(row):
+            if t in eos:
+                return tuple(row[: j + 1])
+        return tuple(row)
+
+    def project() -> None:
+        answers["project"] = [g.token_ids for g in generate(loaded, records, cfg, progress=False)]
+
+    def plain() -> None:
+        out: list[tuple[int, ...]] = []
+        for s in range(0, len(records), args.batch_size):
+            enc = [encode_chat(tok, r.text).input_ids for r in records[s: s + args.batch_size]]
+            width = max(map(len, enc))
+            ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in enc])
+            att = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+            with torch.no_grad():
+                gen = loaded.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.new_tokens,
+                                            do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            out += [cut(row) for row in gen[:, width:].tolist()]
+        answers["plain"] = out
+
+    def show(r: int, row: dict[str, Any]) -> None:
+        print(f"round {r}: project {row['project']:.1f}s ({row['project_cpu']:.1f} cpu)  plain {row['plain']:.1f}s "
+              f"({row['plain_cpu']:.1f} cpu)  load {row['loadavg'][0]}", flush=True)
+
+    rows = C.interleave({"project": project, "plain": plain}, args.rounds, warmup=args.warmup, on_round=show)
+    tokens = {k: sum(len(a) for a in v) for k, v in answers.items()}
+    same = sum(a == b for a, b in zip(answers["project"], answers["plain"]))
+    speed = C.pair_ratios(rows, "plain", "project")
+    speed_cpu = C.pair_ratios(rows, "plain_cpu", "project_cpu")
+    result: dict[str, Any] = {
+        "benchmark": "generation_plain", "command": C.command_line(), "date": C.now_utc(), "machine": info,
+        "model": loaded.model_id, "dtype": dtype_name(loaded.model), "prompts": len(records),
+        "languages": sorted({r.language for r in records}), "prompt_tokens": prompt_lengths,
+        "batch_size": args.batch_size, "new_tokens_max": args.new_tokens, "answer_tokens": tokens,
+        "rounds": rows,
+        "tokens_per_s_median": {k: C.med([tokens[k] / row[k] for row in rows]) for k in ("project", "plain")},
+        "tokens_per_cpu_s_median": {k: C.med([tokens[k] / row[k + "_cpu"] for row in rows]) for k in ("project", "plain")},
+        "speedup_median": C.med(speed), "speedup_range": C.spread(speed),
+        "speedup_cpu_median": C.med(speed_cpu), "speedup_cpu_range": C.spread(speed_cpu),
+        "identical_answers": same,
+    }
+    C.write_json("generation_plain", result)
+    if not args.no_md:
+        C.update_results_md("generation_plain", markdown_plain(result))
+    print(markdown_plain(result))
+    return result
+
+
+def markdown_plain(r: dict[str, Any]) -> str:
+    loads = [row["loadavg"] for row in r["rounds"]]
+    t, tc = r["tokens_per_s_median"], r["tokens_per_cpu_s_median"]
+    lo, hi = r["speedup_range"] or (float("nan"), float("nan"))
+    clo, chi = r["speedup_cpu_range"] or (float("nan"), float("nan"))
+    pl = r["prompt_tokens"]
+    return "\n".join([
+        "## 9. The project's `generate` against plain transformers `generate` (`bench_generation.py --against plain`)",
+        "",
+        f"- Command: `{r['command']}`",
+        C.machine_md(r["machine"], loads, r["date"]),
+        f"- Model: {r['model']} in **{r['dtype']}**; {r['prompts']} held-out XSafety harmful prompts "
+        f"({len(r['languages'])} languages, {min(pl)}-{max(pl)} prompt tokens with the chat template), greedy, at most "
+        f"{r['new_tokens_max']} new tokens, batch {r['batch_size']} on both sides",
+        "- project: `generate.generation.generate` (batches sorted by length, a batch stops when all its answers "
+        "ended); plain: `model.generate` on the prompts in their given order, left-padded, same end-of-sequence "
+        "ids; tokens = each answer up to and including its end-of-sequence token",
+        f"- {len(r['rounds'])} interleaved rounds (project, plain / plain, project ...) after a warm-up; medians; "
+        "CPU = process CPU time",
+        "",
+        "| side | answer tokens | tokens/s (wall) | tokens per CPU second |",
+        "|---|---:|---:|---:|",
+        f"| project `generate` | {r['answer_tokens']['project']} | {t['project']:.1f} | {tc['project']:.1f} |",
+        f"| plain transformers `generate` | {r['answer_tokens']['plain']} | {t['plain']:.1f} | {tc['plain']:.1f} |",
+        "",
+        f"Speed-up of the project's `generate`: **{r['speedup_median']:.2f}x wall** (median of per-round time ratios, "
+        f"range {lo:.2f}x to {hi:.2f}x), **{r['speedup_cpu_median']:.2f}x CPU** (range {clo:.2f}x to {chi:.2f}x). "
+        f"Identical greedy answers: {r['identical_answers']}/{r['prompts']}.",
+    ])
 
 
 def markdown(r: dict[str, Any]) -> str:

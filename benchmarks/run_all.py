@@ -24,6 +24,7 @@ BENCHMARKS = {
     "plnd_vs_ablation": "bench_plnd_vs_ablation.py",
     "train_step": "bench_train_step.py",
     "generation": "bench_generation.py",
+    "memory": "bench_memory.py",
     "train_gpu": "bench_train_gpu.py",
 }
 

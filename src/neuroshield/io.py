@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -240,8 +241,14 @@ def weights_fingerprint(model: Any) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
-            rows.append([name, list(p.shape), float(torch.sum(p, dtype=torch.float64)),
-                         float(torch.linalg.vector_norm(p, dtype=torch.float64)), flat[:8].double().tolist()])
+            # float64 sums over chunks of 2^20 values: a float64 copy of a whole parameter is 8 bytes per value
+            # (+1 GB for the default model's embedding, the evaluate stage's peak; benchmarks/RESULTS.md section 8)
+            total, squares = 0.0, 0.0
+            for chunk in flat.split(1 << 20):
+                c = chunk.to(torch.float64)
+                total += float(c.sum())
+                squares += float(c.square().sum())
+            rows.append([name, list(p.shape), total, math.sqrt(squares), flat[:8].double().tolist()])
     return fingerprint(rows)
 
 

@@ -49,7 +49,8 @@ def tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(str(t.dtype).encode())
     h.update(str(tuple(t.shape)).encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes (no copy of them)
     return h.hexdigest()
 
 
@@ -58,12 +59,55 @@ def param_digests(model: nn.Module) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in model.state_dict().items()}
 
 
+# safetensors dtype names -> torch dtypes (what `tensor_digest` hashes as the dtype)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def file_tensor_digests(path: str | Path, chunk: int = 1 << 24) -> dict[str, str]:
+    """`tensor_digest` of every tensor of a safetensors file, read from the file in chunks: no tensor is
+    materialised and the file is not memory-mapped, so the memory used is one chunk (a mapped file's pages would
+    count in the process's resident memory, as a second copy of the weights). Raw bytes are little-endian, as in
+    memory on the CPUs torch runs on; dtypes not listed here fall back to reading the tensor."""
+    import json
+    import struct
+
+    out: dict[str, str] = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        start = 8 + n
+        buf = bytearray(chunk)
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(spec["dtype"])
+            if dtype is None:
+                with safe_open(str(path), framework="pt") as st:
+                    out[name] = tensor_digest(st.get_tensor(name))
+                continue
+            h = hashlib.blake2b(digest_size=16)
+            h.update(str(dtype).encode())
+            h.update(str(tuple(spec["shape"])).encode())
+            begin, end = spec["data_offsets"]
+            f.seek(start + begin)
+            left = end - begin
+            view = memoryview(buf)
+            while left > 0:
+                got = f.readinto(view[: min(chunk, left)])
+                if not got:
+                    raise ExportError(f"{path}: truncated in tensor {name}")
+                h.update(view[:got])
+                left -= got
+            out[name] = h.hexdigest()
+    return out
+
+
 def saved_digests(folder: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                out[name] = tensor_digest(st.get_tensor(name))
+        out.update(file_tensor_digests(f))
     if not out:
         raise ExportError(f"{folder}: no safetensors files were written")
     return out
