@@ -214,8 +214,8 @@ def cached_generate(
                     for j, g in zip(local, gens):
                         i = idx[j]
                         found[keys[i]] = g
-                        entries.append(_entry(keys[i], prompts[i], task, weights_key, variant, settings, response=g.text,
-                                              token_ids=list(g.token_ids), finished=g.finished))
+                        entries.append(_entry(keys[i], prompts[i], task, weights_key, variant, settings,
+                                              response=g.text, token_ids=list(g.token_ids), finished=g.finished))
                     cache.put(entries)  # written as soon as the batch is done: an interrupted run resumes here
                     if advance is not None:
                         advance(sum(copies[keys[idx[j]]] for j in local))
@@ -252,7 +252,8 @@ def cached_values(
     for s in range(0, len(todo), step):
         idx = todo[s: s + step]
         got = compute([prompts[i] for i in idx])
-        cache.put([_entry(keys[i], prompts[i], task, weights_key, variant, settings, value=v) for i, v in zip(idx, got)])
+        cache.put([_entry(keys[i], prompts[i], task, weights_key, variant, settings, value=v)
+                   for i, v in zip(idx, got)])
         by_key = {keys[i]: v for i, v in zip(idx, got)}
         values = [by_key.get(k, v) if v is None else v for k, v in zip(keys, values)]
         if advance is not None:
