@@ -16,6 +16,8 @@ safety).
         --out experiments/results/validation_search.json
 
 The statistics folder is the `stats/` of an identify run (any model spec given with --model must match).
+Answers go through the generation cache (`--cache`, default `runs/validation-search/generations.jsonl`, keyed by
+the model, the set and mode in force and the prompt), so a rerun or a wider screen generates only what it lacks.
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="experiments/results/validation_search.json")
+    ap.add_argument("--cache", default="runs/validation-search/generations.jsonl",
+                    help="generation cache (neuroshield.generate.cache): a rerun generates only what it lacks")
     args = ap.parse_args(argv)
 
     from neuroshield.data.loaders import load_prompts
     from neuroshield.data.templates import load_parallel_benign
-    from neuroshield.generate.generation import generate_responses
+    from neuroshield.generate.cache import GenerationCache, cached_generate, model_key
+    from neuroshield.generate.generation import GenerationConfig
+    from neuroshield.io import fingerprint
     from neuroshield.intervene.interventions import intervene
     from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
     from neuroshield.models import load_model
+    from neuroshield.intervene.validate import set_fingerprint
     from neuroshield.neurons.neuronset import random_like
     from neuroshield.neurons.selection import language_set, shared_sets
     from neuroshield.neurons.splits import limit_per_group, select_split
@@ -79,13 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         judge = get_judge("refusal-phrase")
 
-    def measure(records: list[Any]) -> dict[str, float]:
+    cache = GenerationCache(args.cache)
+    weights_key = model_key(loaded)
+    gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+    def measure(records: list[Any], variant: str) -> dict[str, float]:
         langs = [r.language for r in records]
         if args.judge == "logprob":
             res = judge.judge_prompts([r.text for r in records], langs)
         else:
-            answers = generate_responses(loaded, records, max_new_tokens=args.max_new_tokens,
-                                         batch_size=args.batch_size, progress=False)
+            answers = [g.text for g in cached_generate(loaded, records, gen_config, cache, weights_key=weights_key,
+                                                       variant=variant, task="validation-search", progress=False)]
             res = judge_responses(judge, answers, langs, prompts=[r.text for r in records])
         verdicts = [result_verdict(r) for r in res]
         # mean_score: P(refusal) = sigmoid(refusal log-odds) for the logprob judge; 1 / 0.25 / 0 per answer for
@@ -94,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                 "refusal_rate": verdicts.count("refusal") / len(res),
                 "invalid_rate": verdicts.count("invalid") / len(res)}
 
-    def both() -> dict[str, dict[str, float]]:
-        return {"harmful": measure(harmful), "benign": measure(benign)}
+    def both(variant: str = "none") -> dict[str, dict[str, float]]:
+        """`variant`: the intervention in force (its set and mode), a part of the generation cache's key."""
+        return {"harmful": measure(harmful, variant), "benign": measure(benign, variant)}
+
+    def variant(ns: Any, spec: str) -> str:
+        means = stats.meta.get("data_hashes") if spec.startswith("mean") else None  # what the means were taken from
+        return fingerprint({"set": set_fingerprint(ns), "mode": spec, "means": means})
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -113,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes.split(","):
                 spec = f"mean:{benign_group}" if mode == "mean:benign" else mode
                 with intervene(loaded, ns, spec, stats=stats):
-                    with_set = both()
+                    with_set = both(variant(ns, spec))
                 ctrl = []
                 for c in controls:
                     with intervene(loaded, c, spec, stats=stats):
-                        ctrl.append(both())
+                        ctrl.append(both(variant(c, spec)))
                 metrics = ("mean_score", "refusal_rate", "invalid_rate")
                 row = {"method": method, "rho": rho, "mode": mode, "neurons": len(ns), "set": with_set,
                        "controls": ctrl,

@@ -10,7 +10,8 @@ import torch
 
 import neuroshield.generate.generation as generation
 from neuroshield.data.records import PromptRecord
-from neuroshield.evaluate.evaluate import EvalResult, EvalSuite, EvaluationWarning, GenerationCache, evaluate, patch_tag
+from neuroshield.evaluate.evaluate import EvalResult, EvalSuite, EvaluationWarning, evaluate, patch_tag
+from neuroshield.generate.cache import GenerationCache, model_key
 from neuroshield.models.tiny import tiny_model
 
 
@@ -178,7 +179,7 @@ def test_real_generation_on_tiny_model(tmp_path) -> None:
     assert {c.key for c in res.safety} >= {"en/text/harmful", "zh/text/harmful", "all/text/harmful", "en/text/benign"}
     assert 0.0 <= res.asr("all").value <= 1.0
     lines = (tmp_path / "generations.jsonl").read_text().splitlines()
-    assert all(json.loads(x)["model"] == lm.config_hash for x in lines)
+    assert all(json.loads(x)["model"] == model_key(lm) for x in lines)
     # deterministic: the same run from scratch gives the same responses
     res2 = evaluate(lm, suite, out_dir=tmp_path / "again", batch_size=3, max_new_tokens=6, mgsm_max_new_tokens=6,
                     n_resamples=50, progress=False)

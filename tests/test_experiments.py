@@ -58,8 +58,10 @@ def test_validation_search_screens_sets_against_controls(tmp_path: Path, one_thr
     out = tmp_path / "search.json"
     rc = _script("validation_search").main(["--model", str(folder), "--stats", str(tmp_path / "id" / "stats"),
                                             "--methods", "plnd,mean-diff", "--rhos", "0.1", "--prompts", "3",
-                                            "--benign", "2", "--out", str(out)])
+                                            "--benign", "2", "--out", str(out), "--cache", str(tmp_path / "g.jsonl")])
     assert rc == 0
+    # the answers are in the generation cache: none, then each set and its control under each mode
+    assert len((tmp_path / "g.jsonl").read_text().splitlines()) == (3 + 2) * (1 + 2 * 2 * 2)
     result = json.loads(out.read_text())
     assert [(r["method"], r["mode"]) for r in result["rows"]] == [
         ("plnd", "zero"), ("plnd", "mean:benign"), ("mean-diff", "zero"), ("mean-diff", "mean:benign")]

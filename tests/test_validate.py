@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import neuroshield.intervene.validate as V
+import neuroshield.generate.generation as G
 from neuroshield.data.records import PromptRecord
+from neuroshield.generate.cache import GenerationCache
 from neuroshield.intervene.validate import validate
 from neuroshield.models.tiny import tiny_model
 from neuroshield.neurons.neuronset import NeuronSet
@@ -62,7 +63,8 @@ def test_writes_every_file(result) -> None:
     with open(out / "validation.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["language"] for r in rows] == ["de", "en", "all"]
-    assert not list((out / "cache").glob("*.partial.jsonl"))
+    # the generation cache: every condition's answers to every prompt, and the base answers to the benign guard
+    assert len(GenerationCache(out / "cache" / "generations.jsonl").entries) == 4 * len(PROMPTS) + len(BENIGN)
 
 
 def test_numbers_match_the_raw_generations_rejudged(result) -> None:
@@ -108,7 +110,7 @@ def test_guard(result) -> None:
 def test_resume_does_not_regenerate(lm, neuron_set, tmp_path, monkeypatch) -> None:
     kw = dict(mode="scale:0.5", controls=1, max_new_tokens=4, batch_size=2, judge=ByteJudge(), out_dir=tmp_path,
               progress=False)
-    real = V.generate
+    real = G.generate
     calls: list[int] = []
 
     def interrupted(*args, on_batch=None, **kwargs):
@@ -120,18 +122,18 @@ def test_resume_does_not_regenerate(lm, neuron_set, tmp_path, monkeypatch) -> No
 
         return real(*args, on_batch=first_batch_then_stop, **kwargs)
 
-    monkeypatch.setattr(V, "generate", interrupted)
+    monkeypatch.setattr(G, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         validate(lm, neuron_set, PROMPTS, **kw)
     assert calls == [len(PROMPTS)]
-    assert len(list((tmp_path / "cache").glob("none-*.partial.jsonl"))) == 1
+    assert len(GenerationCache(tmp_path / "cache" / "generations.jsonl").entries) == 2  # the first batch
 
     def counting(*args, **kwargs):
         calls.append(len(args[1]))
         return real(*args, **kwargs)
 
     calls.clear()
-    monkeypatch.setattr(V, "generate", counting)
+    monkeypatch.setattr(G, "generate", counting)
     first = validate(lm, neuron_set, PROMPTS, **kw)
     # the interrupted condition resumes with the prompts it had not finished; the others run in full
     assert calls == [len(PROMPTS) - 2, len(PROMPTS), len(PROMPTS)]

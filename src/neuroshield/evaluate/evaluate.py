@@ -15,11 +15,11 @@ with bootstrap 95 % intervals (`metrics.py`), and writes into `out_dir`:
   timings, skipped records); `EvalResult.load(path)` reads it back;
 * `eval.csv`: one row per number;
 * `items.jsonl`: one row per judged prompt / capability item (ids, `verdict`, scores; no prompt text);
-* `generations.jsonl`: the cache. Every generation (and every log-likelihood) is appended as soon as
-  its batch is done, keyed by (model config hash, patch hash, task, prompt id, language, modality,
-  prompt text hash, generation settings) and tagged with a fingerprint of the weights (entries of other
-  weights with the same architecture are ignored); a rerun with the same arguments reuses it, so an
-  interrupted run resumes where it stopped and a finished one is not recomputed.
+* `generations.jsonl`: the generation cache (`generate.cache`, the one every stage uses). Every generation
+  (and every log-likelihood) is appended as soon as its batch is done, keyed by (model config hash,
+  weights fingerprint and dtype, patch hash, generation settings, prompt id, language, modality, prompt
+  text hash); a rerun with the same arguments reuses it, so an interrupted run resumes where it stopped
+  and a finished one is not recomputed.
 
 Image records are skipped with a warning when the model has no processor (text-only model).
 `backend="vllm"` generates with vLLM when it is importable (checkpoints only, no patches).
@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -61,15 +60,16 @@ from neuroshield.evaluate.metrics import (
     write_json,
 )
 from neuroshield.evaluate.metrics import ROLES as SAFETY_ROLES
+from neuroshield.generate.cache import CACHE_FILE, Generator, GenerationCache, cached_generate, cached_values, model_key
+from neuroshield.generate.generation import Generation, GenerationConfig
 from neuroshield.judges.registry import get_judge, judge_info, judge_label, judge_responses, result_verdict
-from neuroshield.io import atomic_path, atomic_write_text, bytes_digest, weights_fingerprint
+from neuroshield.io import atomic_path, atomic_write_text, fingerprint, weights_fingerprint
 from neuroshield.models.loading import dtype_name
 from neuroshield.settings import EvaluateConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
 EVAL_FORMAT = 1
-CACHE_FILE = "generations.jsonl"
 
 
 class EvaluationWarning(UserWarning):
@@ -276,107 +276,12 @@ class EvalResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Generation cache
+# --------------------------------------------------------------------------------------------------
+# vLLM backend (the Hugging Face one is the cache's default)
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha(text: str, n: int = 16) -> str:
-    return bytes_digest(text.encode("utf-8"))[:n]
-
-
-class GenerationCache:
-    """Append-only JSONL cache of generations and scores, keyed by `cache_key(...)`.
-
-    A truncated last line (an interrupted write) is ignored. Each `put` appends, flushes and fsyncs.
-    With `weights` (a `weights_fingerprint`), entries written for other weights are ignored on load
-    and new entries carry it.
-    """
-
-    def __init__(self, path: str | Path, weights: str | None = None) -> None:
-        self.path = Path(path)
-        self.weights = weights
-        self.entries: dict[str, dict[str, Any]] = {}
-        other = 0
-        if self.path.is_file():
-            bad = 0
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        e = json.loads(line)
-                        key = e["key"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        bad += 1
-                        continue
-                    if weights is not None and e.get("weights") not in (None, weights):
-                        other += 1
-                        continue
-                    self.entries[key] = e
-            if bad:
-                log.warning("%s: %d unreadable line(s) ignored (an interrupted write); they are recomputed", self.path, bad)
-            if other:
-                log.warning("%s: %d cached item(s) were made with other weights (same architecture); ignored",
-                            self.path, other)
-        self.other_weights = other
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(model_hash: str, patch_hash: str, task: str, record: PromptRecord, text: str, settings: str) -> str:
-        return _sha("\x1f".join([model_hash, patch_hash, task, record.id, record.language, record.modality,
-                                 _sha(text + "\x1f" + (record.image or "")), settings]), 32)
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        e = self.entries.get(key)
-        if e is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return e
-
-    def put(self, entries: Sequence[dict[str, Any]]) -> None:
-        if not entries:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            # a previous interrupted write may have left a partial line: start on a fresh one
-            if f.tell() > 0:
-                with open(self.path, "rb") as r:
-                    r.seek(-1, os.SEEK_END)
-                    if r.read(1) != b"\n":
-                        f.write("\n")
-            for e in entries:
-                if self.weights is not None:
-                    e = {**e, "weights": self.weights}
-                f.write(json.dumps(e, ensure_ascii=False) + "\n")
-                self.entries[e["key"]] = e
-            f.flush()
-            os.fsync(f.fileno())
-
-
-# --------------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------------
-
-OnBatch = Callable[[list[int], list[str]], None]
-# (records, max_new_tokens, on_batch): calls on_batch(indices into records, texts) as batches finish
-GenerateFn = Callable[[list[PromptRecord], int, OnBatch], None]
-
-
-def _hf_generator(loaded: Any, batch_size: int, system: str | None) -> GenerateFn:
-    from neuroshield.generate import generation
-
-    def gen(records: list[PromptRecord], max_new_tokens: int, on_batch: OnBatch) -> None:
-        cfg = generation.GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False,
-                                          system=system)
-        generation.generate(loaded, records, cfg, progress=False,
-                            on_batch=lambda idx, gens: on_batch(list(idx), [g.text for g in gens]))
-
-    return gen
-
-
-def _vllm_generator(loaded: Any, system: str | None) -> GenerateFn:  # pragma: no cover - vLLM is not installed here
+def _vllm_generator(loaded: Any) -> Generator:  # pragma: no cover - vLLM is not installed here
     """Greedy generation with vLLM on the model's local folder (same chat template as HF)."""
     try:
         import vllm
@@ -390,16 +295,18 @@ def _vllm_generator(loaded: Any, system: str | None) -> GenerateFn:  # pragma: n
     llm = vllm.LLM(model=str(folder), tokenizer=str(folder), dtype="auto", seed=0)
     tok = loaded.tokenizer
 
-    def gen(records: list[PromptRecord], max_new_tokens: int, on_batch: OnBatch) -> None:
-        images = [r for r in records if r.image]
+    def gen(records: list[Any], config: GenerationConfig, on_batch: Callable[[list[int], list[Generation]], None]
+            ) -> None:
+        images = [r for r in records if getattr(r, "image", None)]
         if images:
             raise RuntimeError(f"backend='vllm' sends text only, and {len(images)} prompts have images (first: "
                                f"{images[0].id}); use backend='hf' for image prompts")
-        texts = [tok.apply_chat_template(chat_messages(r.text, system=system), tokenize=False, add_generation_prompt=True)
-                 for r in records]
-        params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        outs = llm.generate(texts, params)
-        on_batch(list(range(len(records))), [o.outputs[0].text for o in outs])
+        texts = [tok.apply_chat_template(chat_messages(r.text, system=config.system), tokenize=False,
+                                         add_generation_prompt=True) for r in records]
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=config.max_new_tokens)
+        outs = [o.outputs[0] for o in llm.generate(texts, params)]
+        on_batch(list(range(len(records))), [Generation(o.text, tuple(o.token_ids), o.finish_reason == "stop")
+                                             for o in outs])
 
     return gen
 
@@ -455,83 +362,43 @@ def patch_tag(patch: str | Path | None) -> str:
 
 
 class _CachedWork:
-    """The generations and per-item values of one evaluation, through the cache (written batch by batch, so an
-    interrupted evaluation resumes), behind one progress bar."""
+    """The generations and per-item values of one evaluation, through the generation cache (written batch by batch,
+    so an interrupted evaluation resumes), behind one progress bar."""
 
-    def __init__(self, loaded: Any, cache: GenerationCache, *, model_hash: str, patch_hash: str, chunk: int,
+    def __init__(self, loaded: Any, cache: GenerationCache, *, weights_key: str, patch_hash: str, chunk: int,
                  batch_size: int, system: str | None, backend: str, progress: bool) -> None:
-        self.loaded, self.cache, self.model_hash, self.patch_hash = loaded, cache, model_hash, patch_hash
+        self.loaded, self.cache, self.weights_key, self.patch_hash = loaded, cache, weights_key, patch_hash
         self.chunk, self.batch_size, self.system, self.backend = chunk, batch_size, system, backend
-        self._generator: GenerateFn | None = None
+        self._vllm: Generator | None = None
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=0, desc="evaluate", unit="item")
 
-    def generator(self) -> GenerateFn:
-        if self._generator is None:
-            self._generator = (_vllm_generator(self.loaded, self.system) if self.backend == "vllm"
-                               else _hf_generator(self.loaded, self.batch_size, self.system))
-        return self._generator
-
-    def _cached(self, records: list[PromptRecord], task: str, settings: str, field_name: str
-                ) -> tuple[list[str], list[Any], list[int]]:
-        """(cache keys, cached values or None, indices still to do); the progress bar counts the cached ones."""
-        keys = [GenerationCache.key(self.model_hash, self.patch_hash, task, r, r.text, settings) for r in records]
-        values: list[Any] = []
-        for k in keys:
-            e = self.cache.get(k)
-            values.append(e[field_name] if e is not None else None)
-        todo = [i for i, v in enumerate(values) if v is None]
-        if self.bar is not None:
-            self.bar.total += len(records)
-            self.bar.update(len(records) - len(todo))
-            self.bar.set_postfix_str(task)
-        return keys, values, todo
-
-    def _entry(self, key: str, task: str, r: PromptRecord, settings: str, field_name: str, value: Any) -> dict:
-        return {"key": key, "task": task, "id": r.id, "language": r.language, "modality": r.modality,
-                "model": self.model_hash, "patch": self.patch_hash, "settings": settings, field_name: value}
+    def _start(self, n: int, task: str) -> Callable[[int], None] | None:
+        if self.bar is None:
+            return None
+        self.bar.total += n
+        self.bar.set_postfix_str(task)
+        return self.bar.update
 
     def generate(self, records: list[PromptRecord], task: str, max_new: int) -> list[str]:
         """Greedy responses to `records`, generated where the cache has none."""
-        settings = f"gen:greedy:max{max_new}:sys{_sha(self.system or '')}:{self.backend}"
-        keys, responses, todo = self._cached(records, task, settings, "response")
-        for s in range(0, len(todo), self.chunk):
-            idx = todo[s: s + self.chunk]
-
-            def on_batch(local: list[int], texts: list[str], idx: list[int] = idx) -> None:
-                entries = []
-                for j, o in zip(local, texts):
-                    i = idx[j]
-                    responses[i] = o
-                    entries.append(self._entry(keys[i], task, records[i], settings, "response", o))
-                self.cache.put(entries)  # written as soon as the batch is done: an interrupted run resumes here
-                if self.bar is not None:
-                    self.bar.update(len(local))
-
-            self.generator()([records[i] for i in idx], max_new, on_batch)
-            missing = [records[i].id for i in idx if responses[i] is None]
-            if missing:
-                raise RuntimeError(f"the generator returned no response for {len(missing)} prompt(s), e.g. {missing[0]}")
-        return [r if r is not None else "" for r in responses]
+        if self.backend == "vllm" and self._vllm is None:
+            self._vllm = _vllm_generator(self.loaded)
+        config = GenerationConfig(max_new_tokens=max_new, batch_size=self.batch_size, system=self.system)
+        gens = cached_generate(self.loaded, records, config, self.cache, weights_key=self.weights_key,
+                               variant=self.patch_hash, task=task, backend=self.backend, generator=self._vllm,
+                               chunk=self.chunk, progress=False, desc=task, advance=self._start(len(records), task))
+        return [g.text for g in gens]
 
     def values(self, records: list[PromptRecord], task: str, settings: str,
                compute: Callable[[list[PromptRecord]], list[Any]]) -> list[Any]:
         """`compute(records)` per record, computed where the cache has none."""
-        keys, values, todo = self._cached(records, task, settings, "value")
-        for s in range(0, len(todo), self.chunk):
-            idx = todo[s: s + self.chunk]
-            got = compute([records[i] for i in idx])
-            entries = []
-            for i, v in zip(idx, got):
-                values[i] = v
-                entries.append(self._entry(keys[i], task, records[i], settings, "value", v))
-            self.cache.put(entries)
-            if self.bar is not None:
-                self.bar.update(len(idx))
-        return values
+        return cached_values(records, compute, self.cache, weights_key=self.weights_key,  # type: ignore[arg-type]
+                             variant=self.patch_hash, settings=settings, task=task, chunk=self.chunk,
+                             advance=self._start(len(records), task))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -572,7 +439,7 @@ def _safety_role(work: _CachedWork, judge_obj: Any, records: list[PromptRecord],
         matched = [getattr(x, "matched", None) for x in results]
     else:  # prompt-level judge (logprob): no generation
         jinfo = judge_info(judge_obj)
-        settings = f"judge:{judge_label(judge_obj)}:{_sha(json.dumps(jinfo, sort_keys=True, default=str))}"
+        settings = f"judge:{judge_label(judge_obj)}:{fingerprint(jinfo)}"
 
         def compute(recs: list[PromptRecord]) -> list[Any]:
             res = judge_obj.judge_prompts([r.text for r in recs], [r.language for r in recs])
@@ -644,9 +511,9 @@ def evaluate(
     patch_hash = file_hash(patch) if patch is not None else "none"
     model_hash = loaded.config_hash
     weights_fp = weights_fingerprint(loaded.model)  # before any patch: the patch has its own hash
-    cache = GenerationCache(out / CACHE_FILE, weights=weights_fp)
+    cache = GenerationCache(out / CACHE_FILE)
     skipped: list[dict[str, str]] = []
-    work = _CachedWork(loaded, cache, model_hash=model_hash, patch_hash=patch_hash,
+    work = _CachedWork(loaded, cache, weights_key=model_key(loaded, weights_fp), patch_hash=patch_hash,
                        chunk=chunk_size or max(1, 32 * batch_size), batch_size=batch_size, system=system,
                        backend=backend, progress=progress)
     items: list[dict[str, Any]] = []
@@ -713,5 +580,5 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
-__all__ = ["EvalSuite", "EvalResult", "evaluate", "GenerationCache", "patched", "patch_tag", "file_hash",
+__all__ = ["EvalSuite", "EvalResult", "evaluate", "patched", "patch_tag", "file_hash",
            "EvaluationWarning"]

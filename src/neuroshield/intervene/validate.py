@@ -26,10 +26,10 @@ under every condition and judged (over-refusal, useful for reinforcement `scale:
 Outputs in `out_dir`: `validation.json` (everything), `validation.csv` (one row per group),
 `generations.jsonl` (every prompt x condition with the judge's verdict, to audit the judge),
 `validation.png` (per group: none / set / control mean with sd error bars and the controls as dots),
-`summary.json`. Generations are cached under `out_dir/cache/` (or a shared `cache_dir`) per (model
-weights, set units, mode, prompts, decoding): each finished batch is appended to a `.partial.jsonl`,
-renamed to `.jsonl` when complete, so an interrupted run resumes where it stopped and a rerun
-regenerates nothing. The `none` condition does not depend on the set: validations of several sets
+`summary.json`. Generations are cached in `out_dir/cache/generations.jsonl` (or a shared `cache_dir`), the
+generation cache every stage uses (`generate.cache`), per prompt and (model weights, set units, mode and
+means, decoding): each finished batch is appended, so an interrupted run resumes where it stopped and a
+rerun regenerates nothing. The `none` condition does not depend on the set: validations of several sets
 that share a `cache_dir` generate the base answers once.
 """
 
@@ -52,23 +52,16 @@ import torch
 from tqdm.auto import tqdm
 
 from neuroshield.data.records import PromptRecord, group_name
-from neuroshield.generate.generation import Generation, GenerationConfig, generate, response_divergence
+from neuroshield.generate.cache import CACHE_FILE, GenerationCache, cached_generate, model_key
+from neuroshield.generate.generation import Generation, GenerationConfig, response_divergence
 from neuroshield.intervene.interventions import InterventionMode, _means_of, intervene, parse_mode
 from neuroshield.judges.registry import get_judge, judge_info, judge_responses, result_verdict
-from neuroshield.io import (
-    atomic_write_text,
-    fingerprint,
-    records_fingerprint,
-    save_figure,
-    weights_fingerprint,
-)
+from neuroshield.io import atomic_write_text, fingerprint, records_fingerprint, save_figure
 from neuroshield.models.loading import LoadedModel
 from neuroshield.neurons.neuronset import NeuronSet, random_like
 from neuroshield.settings import PipelineConfig, ValidateConfig
 
 log = logging.getLogger(__name__)
-
-CACHE_FORMAT = 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,10 +83,6 @@ class Condition:
                 "set_hash": None if ns is None else set_fingerprint(ns)}
 
 
-def _sha(obj: Any) -> str:
-    return fingerprint(obj, n=64, ascii=False)
-
-
 def set_fingerprint(ns: NeuronSet) -> str:
     """Hash of the units (not the name or scores): equal sets share cached generations."""
     h = hashlib.sha256()
@@ -113,74 +102,6 @@ def _tensor_fingerprint(d: Mapping[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(d[k].detach().to(torch.float64).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------------
-# Resumable cached generation
-# --------------------------------------------------------------------------------------------------
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by an interruption: that batch is redone
-                continue
-    return rows
-
-
-def cached_generate(
-    loaded: LoadedModel,
-    prompts: Sequence[PromptRecord],
-    config: GenerationConfig,
-    cache_dir: Path,
-    key: Mapping[str, Any],
-    *,
-    label: str,
-    context: Callable[[], Any] = nullcontext,
-    progress: bool = True,
-) -> list[Generation]:
-    """Generate under `context()`, reusing `cache_dir/<label>-<hash(key)>.jsonl`; resumable per batch."""
-    digest = _sha({"format": CACHE_FORMAT, **dict(key)})[:16]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    done_path = cache_dir / f"{label}-{digest}.jsonl"
-    part_path = cache_dir / f"{label}-{digest}.partial.jsonl"
-    keys = [prompt_key(r) for r in prompts]
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
-        raise ValueError(f"prompts contain duplicate (language, modality, id): {', '.join(dup)}; deduplicate them")
-    found: dict[str, Generation] = {}
-    for path in (done_path, part_path):
-        if path.is_file():
-            for row in _read_jsonl(path):
-                found[row["key"]] = Generation(row["text"], tuple(row["token_ids"]), bool(row["finished"]))
-    todo = [i for i, k in enumerate(keys) if k not in found]
-    if todo:
-        log.info("%s: generating %d of %d prompts (%d cached)", label, len(todo), len(keys), len(keys) - len(todo))
-        with open(part_path, "a", encoding="utf-8") as part:
-
-            def on_batch(indices: list[int], gens: list[Generation]) -> None:
-                for i, g in zip(indices, gens):
-                    k = keys[todo[i]]
-                    found[k] = g
-                    part.write(json.dumps({"key": k, "text": g.text, "token_ids": list(g.token_ids),
-                                           "finished": g.finished}, ensure_ascii=False) + "\n")
-                part.flush()
-
-            with context():
-                generate(loaded, [prompts[i] for i in todo], config, progress=progress, desc=label, on_batch=on_batch)
-    if todo or not done_path.is_file():
-        lines = [json.dumps({"key": k, "text": found[k].text, "token_ids": list(found[k].token_ids),
-                             "finished": found[k].finished}, ensure_ascii=False) for k in keys]
-        atomic_write_text(done_path, "\n".join(lines) + "\n")
-        if part_path.exists():
-            part_path.unlink()
-    return [found[k] for k in keys]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +309,13 @@ def _verdict_fields(v: Any) -> dict[str, Any]:
             "matched": getattr(v, "matched", None), "reason": getattr(v, "reason", None)}
 
 
+def _check_unique(prompts: Sequence[PromptRecord]) -> None:
+    keys = [prompt_key(r) for r in prompts]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
+        raise ValueError(f"prompts contain duplicate (language, modality, id): {', '.join(dup)}; deduplicate them")
+
+
 def _checked_inputs(loaded: LoadedModel, neuron_set: NeuronSet, prompts: Sequence[PromptRecord],
                     parsed: InterventionMode, controls: int, judge: Any) -> Any:
     """Raise ValueError on inputs validation cannot use; returns the judge (default refusal-phrase)."""
@@ -397,6 +325,7 @@ def _checked_inputs(loaded: LoadedModel, neuron_set: NeuronSet, prompts: Sequenc
         raise ValueError(f"controls={controls}: must be >= 0")
     if not prompts:
         raise ValueError("prompts is empty: nothing to validate (check --languages, --split and --limit)")
+    _check_unique(prompts)
     neuron_set.check_model(loaded)
     if len(neuron_set) == 0:
         raise ValueError(f"neuron set {neuron_set.name!r} is empty: nothing to intervene on")
@@ -468,8 +397,8 @@ def validate(
     conds += [Condition(f"control-{k}", "control", random_like(neuron_set, loaded, seed + k), seed + k)
               for k in range(controls)]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
-    model_key = {"model_id": loaded.model_id, "config_hash": loaded.config_hash,
-                 "weights": weights_fingerprint(loaded.model)}
+    cache = GenerationCache(cache_dir / CACHE_FILE)
+    weights_key = model_key(loaded)  # before any intervention: each condition has its own variant
 
     def ctx(c: Condition) -> Callable[[], Any]:
         if c.neuron_set is None:
@@ -477,20 +406,19 @@ def validate(
         ns = c.neuron_set
         return lambda: intervene(loaded, ns, parsed, means=mean_vecs)
 
-    def cond_key(c: Condition, records: Sequence[PromptRecord]) -> dict[str, Any]:
-        key = {**model_key, "prompts": records_fingerprint(records), "generation": cfg.key()}
+    def generate(c: Condition, records: Sequence[PromptRecord], label: str) -> list[Generation]:
+        variant = "none"
         if c.neuron_set is not None:
-            key.update(set=set_fingerprint(c.neuron_set), mode=str(parsed))
-            if mean_vecs is not None:
-                key["means"] = _tensor_fingerprint(mean_vecs)
-        return key
+            variant = fingerprint({"set": set_fingerprint(c.neuron_set), "mode": str(parsed),
+                                   "means": None if mean_vecs is None else _tensor_fingerprint(mean_vecs)})
+        return cached_generate(loaded, records, cfg, cache, weights_key=weights_key, variant=variant,
+                               task=f"validate:{label}", context=ctx(c), progress=progress, desc=label)
 
     timings: dict[str, float] = {}
     gens: dict[str, list[Generation]] = {}
     for c in tqdm(conds, desc="conditions", unit="cond", disable=not progress):
         t0 = time.perf_counter()
-        gens[c.name] = cached_generate(loaded, prompts, cfg, cache_dir, cond_key(c, prompts), label=c.name,
-                                       context=ctx(c), progress=progress)
+        gens[c.name] = generate(c, prompts, c.name)
         timings[f"generate_{c.name}"] = time.perf_counter() - t0
     verdicts_full = {c.name: _judge_all(judge, gens[c.name], prompts) for c in conds}
     verdicts = {name: [result_verdict(v) for v in vs] for name, vs in verdicts_full.items()}
@@ -502,17 +430,16 @@ def validate(
     benign_gens: dict[str, list[Generation]] = {}
     benign_verdicts: dict[str, list[Any]] = {}
     if benign_guard:
+        _check_unique(benign_guard)
         t0 = time.perf_counter()
-        base_b = cached_generate(loaded, benign_guard, cfg, cache_dir, cond_key(conds[0], benign_guard),
-                                 label="benign-none", progress=progress)
+        base_b = generate(conds[0], benign_guard, "benign-none")
         benign_gens["none"] = base_b
         guard = _guard(loaded, benign_guard, base_b, conds, ctx, batch_size, system, progress)
         timings["guard"] = time.perf_counter() - t0
         if benign_generate:
             t0 = time.perf_counter()
             for c in conds[1:]:
-                benign_gens[c.name] = cached_generate(loaded, benign_guard, cfg, cache_dir, cond_key(c, benign_guard),
-                                                      label=f"benign-{c.name}", context=ctx(c), progress=progress)
+                benign_gens[c.name] = generate(c, benign_guard, f"benign-{c.name}")
             timings["benign_generate"] = time.perf_counter() - t0
         benign_verdicts = {n: _judge_all(judge, g, benign_guard) for n, g in benign_gens.items()}
         if benign_generate:
@@ -571,5 +498,5 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-__all__ = ["validate", "ValidationResult", "Condition", "cached_generate", "set_fingerprint", "prompt_key"]
+__all__ = ["validate", "ValidationResult", "Condition", "set_fingerprint", "prompt_key"]
 

@@ -3,9 +3,9 @@
 * Harmful prompts -> refusal responses: `neuroshield.data.templates.refusal_for(id, language)`
   (deterministic per prompt id, parallel across languages), or the record's own reference refusal
   (e.g. HarmBench `safe-responses`) when `use_references=True`.
-* Benign prompts -> the base model's own answers (generated once, greedy, cached in a JSONL file keyed
-  by the model's config hash, the generation settings and the prompt id; every finished batch is
-  appended, so an interrupted generation resumes where it stopped), or reference outputs.
+* Benign prompts -> the base model's own answers (generated once, greedy, cached in a generation cache,
+  `generate.cache`, keyed by the model's weights, the generation settings and the prompt; every finished
+  batch is appended, so an interrupted generation resumes where it stopped), or reference outputs.
 * Tokenized with `encode_chat(tokenizer, prompt, response=...)`; labels are -100 everywhere except on
   response tokens (the loss is on the response only). Batches are right-padded (attention mask 0 on the
   padding; right padding keeps the position ids of real tokens 0..n-1 without passing position ids).
@@ -104,31 +104,9 @@ def reference_examples(records: Sequence[PromptRecord]) -> list[TrainExample]:
     return out
 
 
-def answer_cache_key(config_hash: str, max_new_tokens: int, system: str | None = None) -> str:
-    """What the cached answers depend on: the model (config hash) and the generation settings."""
-    raw = json.dumps({"config_hash": config_hash, "max_new_tokens": max_new_tokens, "system": system,
-                      "decoding": "greedy"}, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def _read_cache(path: Path, key: str) -> dict[tuple[str, str], str]:
-    found: dict[tuple[str, str], str] = {}
-    if not path.is_file():
-        return found
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by an interruption: regenerate it
-                continue
-            if isinstance(row, dict) and row.get("key") == key and isinstance(row.get("response"), str):
-                found[(row["id"], row["language"])] = row["response"]
-    return found
-
-
 def self_answer_examples(
     loaded: Any, records: Sequence[PromptRecord], cache_path: str | Path, *, max_new_tokens: int = 128,
-    batch_size: int = 8, system: str | None = None, model_key: str | None = None, progress: bool = True,
+    batch_size: int = 8, system: str | None = None, weights_key: str | None = None, progress: bool = True,
     max_prompt_tokens: int | None = None, helpful_only: bool = True,
 ) -> list[TrainExample]:
     """Benign prompts paired with the base model's own greedy answers, cached in `cache_path` (JSONL).
@@ -137,10 +115,10 @@ def self_answer_examples(
     answer) is replaced by the record's `reference` when it has one and dropped otherwise: the base model
     refuses many safe requests that sound dangerous, and training on its refusals would teach them.
 
-    Call this before any training touches the model. Answers already in the cache (same model config
-    hash, same settings, same prompt id and language) are reused; the others are generated in batches,
-    each batch appended to the file as soon as it is done. Empty answers are dropped with a warning.
-    `model_key` overrides the model identity used in the key (default: the config hash plus model id).
+    Call this before any training touches the model. `cache_path` is a generation cache (`generate.cache`):
+    answers already in it (same model weights and dtype, same settings, same prompt) are reused; the others are
+    generated in batches, each batch appended to the file as soon as it is done. Empty answers are dropped with
+    a warning. `weights_key` overrides the model identity used in the key (default: `model_key(loaded)`).
     Prompts longer than `max_prompt_tokens` chat tokens are skipped with a warning (training would cut
     them anyway, and one very long prompt makes its whole generation batch as long).
     """
@@ -151,28 +129,14 @@ def self_answer_examples(
             log.warning("%d benign prompts are longer than %d tokens and were skipped",
                         len(records) - len(keep), max_prompt_tokens)
         records = keep
-    ident = model_key or f"{loaded.config_hash}:{loaded.model_id}"
-    key = answer_cache_key(ident, max_new_tokens, system)
-    cached = _read_cache(path, key)
-    todo = [r for r in records if (r.id, r.language) not in cached]
-    if todo:
-        from neuroshield.generate.generation import GenerationConfig, generate
+    from neuroshield.generate.cache import GenerationCache, cached_generate, model_key
+    from neuroshield.generate.generation import GenerationConfig
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("generating the base model's answers to %d benign prompts (cached in %s)", len(todo), path)
-        with open(path, "a", encoding="utf-8") as f:
-            def on_batch(indices: list[int], gens: list[Any]) -> None:
-                for i, g in zip(indices, gens):
-                    r = todo[i]
-                    cached[(r.id, r.language)] = g.text
-                    f.write(json.dumps({"key": key, "id": r.id, "language": r.language, "response": g.text,
-                                        "model": ident}, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
-            generate(loaded, list(todo), cfg, progress=progress, desc="benign answers", on_batch=on_batch)
-    texts = [cached[(r.id, r.language)].strip() for r in records]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    gens = cached_generate(loaded, list(records), cfg, GenerationCache(path),
+                           weights_key=weights_key or model_key(loaded), task="benign-answers", progress=progress,
+                           desc="benign answers")
+    texts = [g.text.strip() for g in gens]
     helpful = _helpful(records, texts) if helpful_only else [bool(t) for t in texts]
     out, replaced, dropped = [], 0, 0
     for r, text, ok in zip(records, texts, helpful):
@@ -382,7 +346,7 @@ def write_examples(path: str | Path, examples: Sequence[TrainExample]) -> None:
 
 __all__ = [
     "IGNORE_INDEX", "TrainExample", "EncodedExample", "refusal_examples", "reference_examples",
-    "self_answer_examples", "answer_cache_key", "encode_example", "encode_multimodal_example", "encode_examples",
+    "self_answer_examples", "encode_example", "encode_multimodal_example", "encode_examples",
     "collate_examples", "training_batch",
     "ExampleStream", "data_fingerprint", "example_summary", "write_examples",
 ]
