@@ -71,7 +71,7 @@ class TrainResult:
     wall_seconds: float
     train_seconds: float
     seconds_per_step: float
-    peak_rss_mb: float  # whole process so far (includes export checks, which reload the model once)
+    peak_rss_mb: float  # whole process so far (includes the export checks)
     peak_cuda_mb: float | None
     final_loss: float | None
     rss_before_mb: float | None = None  # resident memory with the model loaded, before training
