@@ -6,7 +6,7 @@ Each (model, dtype, stage) runs in a fresh subprocess, twice:
   `evaluate.evaluate.evaluate`) at small but realistic sizes. The peak is `VmHWM` of `/proc/self/status`, reset
   (`/proc/self/clear_refs`) at every phase boundary, so each phase gets its own exact peak; phases are marked by
   wrapping the functions the stage calls (load, benign answers, base digests, loop, patch + merge, export save,
-  export digests, export reload check, ...). The measure is (peak RSS - RSS right after `import torch`).
+  export digests, export load check, ...). The measure is (peak RSS - RSS right after `import torch`).
 * the **activation run**: the same stage with `torch.profiler(profile_memory=True)` active over its main phase only
   (the training loop, the statistics pass, the generation); the activations are the highest running total of
   tensor bytes allocated in that window ("Total Allocated" of the profiler's memory events), less the optimizer
@@ -134,12 +134,16 @@ class Phases:
         self._prof = None
 
 
-def wrap(module: Any, attr: str, phases: Phases, before: str, after: str | None = None, once: bool = False) -> None:
-    """Mark phase `before` when `module.attr` is called (and `after` when it returns)."""
+def wrap(module: Any, attr: str, phases: Phases, before: str, after: str | None = None, once: bool = False,
+         first_call: bool = False) -> None:
+    """Mark phase `before` when `module.attr` is called (and `after` when it returns); `once`: `before` at the
+    first call only; `first_call`: later calls mark nothing (they belong to the phase they run in)."""
     fn = getattr(module, attr)
     seen = {"n": 0}
 
     def wrapped(*a: Any, **k: Any) -> Any:
+        if first_call and seen["n"]:
+            return fn(*a, **k)
         if not (once and seen["n"]):
             phases.mark(before)
         seen["n"] += 1
@@ -235,26 +239,29 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def run_train(args: argparse.Namespace, loaded: Any, ph: Phases, tmp: Path) -> dict[str, Any]:
     import torch
 
-    from neuroshield.train import export, patch, recipes
+    from neuroshield.settings import TrainConfig, TrainOptions
+    from neuroshield.train import export, loop, patch, recipes, trainer
 
     harmful = prompts("xsafety", "harmful", ["en"], "held-in", args.train_harmful)
     benign = prompts("alpaca-seed", "benign", ["en"], "held-in", args.train_benign)
     ns = budget_set(loaded, recipes.DEFAULT_BUDGET, 0)
     wrap(recipes, "prepare_examples", ph, "benign answers", after="encode + setup")
-    wrap(export, "param_digests", ph, "base digests", after="deltas + optimizer")
-    wrap(recipes, "training_batch", ph, "loop", once=True)
+    # the base digests; the export's load check digests the trained model again, inside its own phase
+    wrap(export, "param_digests", ph, "base digests", after="deltas + optimizer", first_call=True)
+    wrap(loop, "training_batch", ph, "loop", once=True)
     wrap(patch, "patch_from_deltas", ph, "patch + merge")
     wrap(export, "save_merged", ph, "export: save_pretrained")
     wrap(export, "saved_digests", ph, "export: saved digests")
-    wrap(export, "verify_reload", ph, "export: reload check", after="summary")
+    wrap(export, "verify_structure", ph, "export: load check", after="summary")
     trainable = {}
 
     def on_step(step: int, rec: dict[str, Any]) -> None:
         trainable["step"] = step
 
-    res = recipes.train(loaded, "precise-shield", neuron_set=ns, harmful=harmful, benign=benign, languages=["en"],
-                        steps=args.steps, batch_size=args.batch_size, out_dir=tmp / "run", resume=False,
-                        progress=False, on_step=on_step)
+    res = trainer.train(loaded, "precise-shield", TrainConfig(languages=["en"], steps=args.steps,
+                                                              batch_size=args.batch_size),
+                        neuron_set=ns, harmful=harmful, benign=benign, out_dir=tmp / "run",
+                        options=TrainOptions(resume=False, progress=False), on_step=on_step)
     n = int(res.trainable_parameters)
     # float32 deltas + their gradient + two AdamW moments, and merge()'s original slices in the weights' dtype
     elem = next(loaded.model.parameters()).element_size()

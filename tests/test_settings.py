@@ -219,7 +219,8 @@ def test_run_wide_defaults_agree() -> None:
 OPTIONS_NOT_IN_CLI = {
     "lora_targets": "the command trains LoRA on every linear layer of the decoder (the API may narrow it)",
     "delta_dtype": "float32 deltas always (16-bit deltas lose Adam's small steps); API only",
-    "verify_export": "the command always checks the exported model by reloading it",
+    "verify_export": "the command always checks that the exported model loads as the trained one",
+    "verify_export_reload": "the full reload with logits is an API opt-in (a second copy of the weights)",
     "progress": "the command always shows progress",
 }
 

@@ -256,7 +256,90 @@ def test_export_refuses_a_checkpoint_identical_to_base(tmp_path):
                     expect_changed=["model.layers.1.mlp.up_proj.weight"])
     res = save_merged(loaded, tmp_path / "m", base_digests=digests,
                       expect_changed=["model.layers.0.mlp.up_proj.weight"])
-    assert res.tensors_changed == ["model.layers.0.mlp.up_proj.weight"] and res.reload_max_abs_diff == 0.0
+    assert res.tensors_changed == ["model.layers.0.mlp.up_proj.weight"] and res.reload_max_abs_diff is None
+    # the opt-in full reload (a second copy of the weights) compares logits
+    res = save_merged(loaded, tmp_path / "m", base_digests=digests, reload=True,
+                      expect_changed=["model.layers.0.mlp.up_proj.weight"])
+    assert res.reload_max_abs_diff == 0.0
+
+
+def _rewrite_safetensors(folder, edit):
+    """Rewrite the folder's weight file with `edit(tensors)` applied (a dict name -> tensor, edited in place)."""
+    from safetensors.torch import load_file, save_file
+
+    path = next(folder.glob("*.safetensors"))
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _drop(name):
+    return lambda t: t.pop(name)
+
+
+def _rename(old, new):
+    return lambda t: t.__setitem__(new, t.pop(old))
+
+
+def _reshape(name):
+    return lambda t: t.__setitem__(name, t[name][:-1].clone())
+
+
+def _recast(name):
+    return lambda t: t.__setitem__(name, t[name].to(torch.float16))
+
+
+def _nudge(name):
+    def edit(t):
+        t[name] = t[name].clone()
+        t[name].view(-1)[0] += 1.0
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop("model.layers.1.mlp.down_proj.weight"), "model.layers.1.mlp.down_proj.weight: missing"),
+    (_drop("lm_head.weight"), "lm_head.weight: missing"),
+    (_rename("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.query.weight"),
+     "model.layers.0.self_attn.query.weight: not a tensor of the model"),
+    (_reshape("model.layers.0.mlp.up_proj.weight"), r"model.layers.0.mlp.up_proj.weight: F32\[63, 32\] in the folder"),
+    (_recast("model.norm.weight"), r"model.norm.weight: F16\[32\] in the folder, torch.float32\[32\] in memory"),
+    (_nudge("model.layers.1.self_attn.o_proj.weight"), "o_proj.weight: values differ from the trained model"),
+])
+def test_the_structural_check_refuses_a_folder_that_does_not_load_as_the_model(tmp_path, edit, message):
+    from neuroshield.train.export import verify_structure
+
+    loaded = tiny_model("qwen2")
+    folder = tmp_path / "m"
+    save_merged(loaded, folder)  # passes as written
+    assert verify_structure(folder, loaded.model) == len(loaded.model.state_dict())
+    _rewrite_safetensors(folder, edit)
+    with pytest.raises(ExportError, match=f"{folder}: plain transformers would not load it as the trained model"
+                       f".*{message}"):
+        verify_structure(folder, loaded.model)
+
+
+def test_the_structural_check_refuses_an_edited_config_and_an_untied_head(tmp_path):
+    from neuroshield.train.export import saved_layout, verify_structure
+
+    loaded = tiny_model("qwen2")
+    folder = tmp_path / "m"
+    save_merged(loaded, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=f"{folder}: config.json differs from the trained model's config "
+                       r"\(1 entries; first: rms_norm_eps: 0.001 in the folder"):
+        verify_structure(folder, loaded.model)
+    # a model whose head was tied in the config but holds its own values in memory: the folder (head dropped,
+    # tied again on load) would not be the trained model
+    tied = tiny_model("qwen2", tie_word_embeddings=True)
+    save_merged(tied, tmp_path / "t")
+    assert "lm_head.weight" not in saved_layout(tmp_path / "t")  # transformers drops the tied head on save
+    with torch.no_grad():
+        tied.model.lm_head.weight = torch.nn.Parameter(tied.model.lm_head.weight.detach().clone() + 1.0)
+    with pytest.raises(ExportError, match="lm_head.weight: tied to model.embed_tokens.weight on load, but differs"):
+        save_merged(tied, tmp_path / "t2")
+    assert not (tmp_path / "t2").exists()
 
 
 def test_output_parts_train_only_the_down_columns_of_ffn_neurons(tmp_path):

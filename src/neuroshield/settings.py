@@ -116,7 +116,8 @@ class TrainOptions:
     checkpoint_every: int = 20
     resume: bool = True  # from the newest checkpoint of the same setup in out_dir
     export: bool = True  # the merged model to out_dir/model
-    verify_export: bool = True  # reload the exported model and compare its logits
+    verify_export: bool = True  # the exported folder loads in plain transformers as the trained model (no second copy)
+    verify_export_reload: bool = False  # also reload it for real and compare logits (a second copy of the weights)
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
     benign_cache: str = ""  # the base model's benign answers ("" = out_dir/benign_answers.jsonl)

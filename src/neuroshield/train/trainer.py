@@ -71,7 +71,7 @@ class TrainResult:
     wall_seconds: float
     train_seconds: float
     seconds_per_step: float
-    peak_rss_mb: float  # whole process so far (includes export checks, which reload the model once)
+    peak_rss_mb: float  # whole process so far (includes the export checks)
     peak_cuda_mb: float | None
     final_loss: float | None
     rss_before_mb: float | None = None  # resident memory with the model loaded, before training
@@ -251,7 +251,8 @@ def train(
     selected = loop.selected
     finished = finish_trained(loaded, part, recipe, out, acc, step=loop.step, lr=lr, export=options.export,
                               patch_step=selected[1] if selected is not None else loop.step,
-                              verify=options.verify_export, base_digests=base_digests)
+                              verify=options.verify_export, reload=options.verify_export_reload,
+                              base_digests=base_digests)
     res = result(finished)
     res.selected_step = selected[1] if selected is not None else None
     if acc.is_main_process:
