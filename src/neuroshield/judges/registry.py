@@ -1,7 +1,8 @@
 """The judge registry: `get_judge(name, loaded)` and the helpers that record and call a judge.
 
-Names: `refusal-phrase` (the default rule judge), `logprob` (needs `loaded`, the evaluated model), or a
-path to a local classifier / guard-model folder. Every judge has `name`, `version` and `describe()`;
+Names: `refusal-phrase` (the default rule judge), `logprob` (needs `loaded`, the evaluated model), `learned` (a
+logistic head on the default model's reading of prompt and response; it loads its own unpatched copy of the
+default model, whatever `loaded` is), or a path to a local classifier / guard-model folder. Every judge has `name`, `version` and `describe()`;
 evaluation writes `describe()` beside the numbers.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield.judges.classifier import ClassifierJudge
+from neuroshield.judges.learned import LearnedJudge
 from neuroshield.judges.logprob import LogprobRefusalJudge
 from neuroshield.judges.phrase import RefusalPhraseJudge
 from neuroshield.judges.result import settings_hash
@@ -21,14 +23,16 @@ from neuroshield.judges.result import settings_hash
 # Factory
 # --------------------------------------------------------------------------------------------------
 
-JUDGE_NAMES = ("refusal-phrase", "logprob")
+JUDGE_NAMES = ("refusal-phrase", "logprob", "learned")
 
 
 def get_judge(name_or_path: str | Any, loaded: Any = None, **kw: Any) -> Any:
-    """A judge by name (`refusal-phrase`, `logprob`) or a local classifier folder path.
+    """A judge by name (`refusal-phrase`, `logprob`, `learned`) or a local classifier folder path.
 
     A judge object (anything with `judge_batch` or `judge_prompts`) is returned as is. `logprob`
-    needs `loaded` (the evaluated model). Extra keyword arguments go to the judge's constructor.
+    needs `loaded` (the evaluated model); `learned` never uses it (the evaluated model may be patched or
+    another model: it reads with its own copy of the default model, loaded on first use, or `reader=`).
+    Extra keyword arguments go to the judge's constructor.
     """
     if not isinstance(name_or_path, (str, Path)):
         if hasattr(name_or_path, "judge_batch") or hasattr(name_or_path, "judge_prompts"):
@@ -39,6 +43,8 @@ def get_judge(name_or_path: str | Any, loaded: Any = None, **kw: Any) -> Any:
         return RefusalPhraseJudge(**kw)
     if name == "logprob":
         return LogprobRefusalJudge(loaded, **kw)
+    if name == "learned":
+        return LearnedJudge(**kw)
     p = Path(name).expanduser()
     if p.exists():
         return ClassifierJudge.from_path(p, **kw)
