@@ -116,7 +116,9 @@ def test_smollm2_loads_from_package_and_rebuilds_damaged_cache(smollm2, tmp_path
     # A truncated safetensors file in a copy of the cache is detected and rebuilt, never used.
     from neuroshield.models import loading
 
+    # the float32 cache (a bfloat16 copy beside it is named `<sha>-bfloat16`)
     src = next(p for p in (loading.cache_root() / "gguf").iterdir() if (p / "neuroshield-cache.json").is_file()
+               and "-" not in p.name
                and json.loads((p / "neuroshield-cache.json").read_text())["gguf_name"].startswith("SmolLM2"))
     monkeypatch.setenv("NEUROSHIELD_CACHE", str(tmp_path))
     dst = tmp_path / "gguf" / src.name
