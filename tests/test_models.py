@@ -116,10 +116,8 @@ def test_smollm2_loads_from_package_and_rebuilds_damaged_cache(smollm2, tmp_path
     # A truncated safetensors file in a copy of the cache is detected and rebuilt, never used.
     from neuroshield.models import loading
 
-    # the float32 cache (a bfloat16 copy beside it is named `<sha>-bfloat16`)
-    src = next(p for p in (loading.cache_root() / "gguf").iterdir() if (p / "neuroshield-cache.json").is_file()
-               and "-" not in p.name
-               and json.loads((p / "neuroshield-cache.json").read_text())["gguf_name"].startswith("SmolLM2"))
+    # the float32 cache of SmolLM2 (a bfloat16 copy beside it is `<name>-bfloat16`)
+    src = loading.cache_root() / "gguf" / loading.EMBEDDED_MODELS["smollm2"].sha256[:20]
     monkeypatch.setenv("NEUROSHIELD_CACHE", str(tmp_path))
     dst = tmp_path / "gguf" / src.name
     shutil.copytree(src, dst)

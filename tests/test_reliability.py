@@ -210,8 +210,8 @@ def test_an_overwritten_model_cache_is_detected_and_rebuilt(smollm2, tmp_path: P
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from neuroshield.models import loading
 
-    src = next(p for p in (loading.cache_root() / "gguf").iterdir() if (p / "neuroshield-cache.json").is_file()
-               and json.loads((p / "neuroshield-cache.json").read_text())["gguf_name"].startswith("SmolLM2"))
+    # the float32 cache of SmolLM2 (a bfloat16 copy beside it is `<name>-bfloat16`)
+    src = loading.cache_root() / "gguf" / loading.EMBEDDED_MODELS["smollm2"].sha256[:20]
     monkeypatch.setenv("NEUROSHIELD_CACHE", str(tmp_path))
     dst = tmp_path / "gguf" / src.name
     shutil.copytree(src, dst)
