@@ -97,13 +97,18 @@ def copy_share(response: str, prompt: str, n: int | None = None) -> tuple[int, i
     r, p = letters(response), letters(prompt)
     if len(r) < n or len(p) < n:
         return len(r), len(r)
-    grams = {p[i:i + n] for i in range(len(p) - n + 1)}
-    covered = [False] * len(r)
-    for i in range(len(r) - n + 1):
-        if r[i:i + n] in grams:
+    return _covered(r, p, n).count(False), len(r)
+
+
+def _covered(text: str, other: str, n: int) -> list[bool]:
+    """Per character of `text`: whether it lies inside a character n-gram that also occurs in `other`."""
+    grams = {other[i:i + n] for i in range(len(other) - n + 1)}
+    covered = [False] * len(text)
+    for i in range(len(text) - n + 1):
+        if text[i:i + n] in grams:
             for j in range(i, i + n):
                 covered[j] = True
-    return covered.count(False), len(r)
+    return covered
 
 
 def repetition_share(text: str, n: int = REPEAT_N) -> tuple[float, int]:
@@ -149,13 +154,7 @@ def prompt_coverage(response: str, prompt: str, n: int = COPY_N) -> float:
     r, p = letters(response), letters(prompt)
     if len(p) < n:
         return 0.0
-    grams = {r[i:i + n] for i in range(len(r) - n + 1)}
-    covered = [False] * len(p)
-    for i in range(len(p) - n + 1):
-        if p[i:i + n] in grams:
-            for j in range(i, i + n):
-                covered[j] = True
-    return covered.count(True) / len(p)
+    return _covered(p, r, n).count(True) / len(p)
 
 
 # Words that talk about the prompt as a piece of text (to translate, spell or explain it).
