@@ -57,8 +57,9 @@ FIGURE_TEXT["selection"] = (
     "{owner}: step selection",
     "Held-in monitor of the training run (never the evaluation prompts): refusal of held-in harmful prompts of every "
     "language that training does not use (y) against refusal of the contrast set's train part, safe requests that "
-    "sound dangerous (x), at every monitored step; the grey point is the base model, the ringed point the step "
-    "whose weights are the result (most harmful refusal with contrast refusal within the tolerance of the base's).")
+    "sound dangerous and that the retain set does not answer in any language (x), at every monitored step; the grey "
+    "point is the base model, the ringed point the step whose weights are the result (most harmful refusal with "
+    "contrast refusal within the tolerance of the base's; on ties, the fewer safe refusals).")
 
 
 SMALL_FIGURES = {"validation", "loss", "selection"}  # drawn small by their stage: shown two per row
