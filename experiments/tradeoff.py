@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from neuroshield.io import atomic_path, read_json
+from neuroshield.pipeline import chosen_point
 
 
 def curves(run: Path) -> list[tuple[str, dict, list[tuple[int, float, float, float | None]]]]:
@@ -34,16 +35,11 @@ def curves(run: Path) -> list[tuple[str, dict, list[tuple[int, float, float, flo
     return out
 
 
-def chosen(pts: list[tuple[int, float, float, float | None]]) -> tuple[int, float, float, float | None]:
-    """The step the selection keeps (highest score; the earliest on ties), as `train` does."""
-    return max(pts, key=lambda p: (p[3] if p[3] is not None else float("-inf"), -p[0]))
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="label=run folder")
     ap.add_argument("--out", type=Path, required=True, help="the figure (.png)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +57,7 @@ def main() -> None:
             xs = [100 * base["contrast_refusal"]] + [100 * p[1] for p in pts]
             ys = [100 * base["harmful_refusal"]] + [100 * p[2] for p in pts]
             line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.8, label=name)
-            best = chosen(pts)
+            best = chosen_point(pts)
             ax.scatter([100 * best[1]], [100 * best[2]], s=120, facecolors="none", edgecolors=line.get_color(),
                        lw=2, zorder=4)
             if not base_drawn:

@@ -21,6 +21,18 @@ def smollm2():
     return load_model("smollm2")
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Qwen2 saved as a model folder: the model of the tiny pipeline runs."""
+    from neuroshield.models.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    lm = tiny_model("qwen2", layers=2, hidden=32, intermediate=64)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models run faster on one torch thread, much faster on a busy machine."""

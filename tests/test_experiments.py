@@ -205,3 +205,23 @@ def test_rejudge_reads_cached_responses_and_judges_them_again(tmp_path):
     assert sorted((p.name, p.read_bytes()) for p in model.iterdir()) == before
     with pytest.raises(SystemExit):
         rejudge.main(["--eval", str(tmp_path / "evaluate"), "--out", str(tmp_path / "evaluate" / "x")])
+
+
+def test_tradeoff_draws_every_recipe_and_marks_the_step_training_kept(tmp_path, capsys):
+    """tradeoff.py: one line per run and recipe from loss.json and the shared monitor_base.json; the chosen step is
+    the one `train` keeps (highest score, earliest on ties)."""
+    train = tmp_path / "run" / "train"
+    for recipe, scores in (("precise-shield", [0.3, 0.5, 0.5]), ("random", [0.4, 0.2, 0.1])):
+        (train / recipe).mkdir(parents=True)
+        history = [{"step": 6 * (i + 1), "monitor_harmful_refusal": s, "monitor_contrast_refusal": 0.1,
+                    "select_score": s} for i, s in enumerate(scores)]
+        history.insert(0, {"step": 1, "loss": 2.0})  # an unmonitored step is skipped
+        (train / recipe / "loss.json").write_text(json.dumps(history))
+    (train / "monitor_base.json").write_text(json.dumps({"harmful_refusal": 0.25, "contrast_refusal": 0.05,
+                                                          "harmful": 20, "contrast": 20}))
+    out = tmp_path / "fig.png"
+    _script("tradeoff").main(["--out", str(out), f"demo={tmp_path / 'run'}"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo")]
+    assert rows == ["| demo (precise-shield) | 25.0/5.0 | 30.0/10.0 | 50.0/10.0 | 50.0/10.0 | step 12 |",
+                    "| demo (random) | 25.0/5.0 | 40.0/10.0 | 20.0/10.0 | 10.0/10.0 | step 6 |"]
+    assert out.stat().st_size > 0

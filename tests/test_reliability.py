@@ -23,15 +23,6 @@ from neuroshield.models.tiny import tiny_model
 from neuroshield.pipeline import Pipeline
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    lm = tiny_model("qwen2", layers=2, hidden=32, intermediate=64)
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _config(where: Path, model: Path, *overrides: str):
     """A tiny pipeline config writing into `where/runs` (identify and train: seconds on a CPU)."""
     where.mkdir(parents=True, exist_ok=True)

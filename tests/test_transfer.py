@@ -170,17 +170,6 @@ train:
                                                              for r in harmful}
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    from neuroshield.models.tiny import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    lm = tiny_model("qwen2", layers=2, hidden=32, intermediate=64)
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_the_pipeline_trains_each_recipe_with_its_settings_and_random_sets_per_seed(
         tmp_path: Path, tiny_folder: Path, one_thread) -> None:
     """One tiny run: ss-expansion on parallel en + zh data, precise-shield on English, two random sets of

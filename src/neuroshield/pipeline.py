@@ -567,6 +567,12 @@ def selection_score(harmful_refusal: float, contrast_refusal: float, base_contra
     return harmful_refusal - 2.0 * max(0.0, rise - tolerance) - 0.1 * rise
 
 
+def chosen_point(points: list[tuple[int, float, float, float | None]]) -> tuple[int, float, float, float | None]:
+    """Of monitored (step, contrast refusal, harmful refusal, selection score) points, the one training keeps: the
+    highest score, the earliest step on ties (`train.loop` keeps a step only when its score is strictly higher)."""
+    return max(points, key=lambda p: (p[3] if p[3] is not None else float("-inf"), -p[0]))
+
+
 def plot_selection(recipe_dir: Path, title: str) -> Path | None:
     """`selection.png` in a recipe folder: the step selection's held-in trade-off (harmful refusal against contrast
     refusal at every monitored step, the base model, the chosen step), from loss.json and the train folder's
@@ -587,7 +593,7 @@ def plot_selection(recipe_dir: Path, title: str) -> Path | None:
 
     from neuroshield.io import save_figure
 
-    best = max(pts, key=lambda p: (p[3] if p[3] is not None else float("-inf"), -p[0]))
+    best = chosen_point(pts)
     fig, ax = plt.subplots(figsize=(5, 4))
     xs = [100 * base["contrast_refusal"]] + [100 * p[1] for p in pts]
     ys = [100 * base["harmful_refusal"]] + [100 * p[2] for p in pts]
