@@ -108,7 +108,7 @@ def test_trained_against_never_trained_and_each_random_set(tmp_path):
     assert trained["asr_vs_base"]["value"] == pytest.approx(-1.0)
     assert never["asr"]["n"] == 8 and never["asr"]["value"] == pytest.approx(0.5)
     # the random sets' hi ASR: 1, 0.75, 0.5 -> mean 0.75, sd 0.25; their mean per prompt is the random reference
-    rs = h["random_sets"]["never-trained"]["asr"]
+    rs = h["random_sets"]["random"]["never-trained"]["asr"]
     assert (rs["sets"], rs["mean"], rs["sd"], rs["min"], rs["max"]) == (3, pytest.approx(0.75), pytest.approx(0.25),
                                                                         0.5, 1.0)
     assert never["asr_vs_random"]["value"] == pytest.approx(-0.25)
@@ -122,7 +122,8 @@ def test_trained_against_never_trained_and_each_random_set(tmp_path):
     table = format_headline(h)
     assert "| ss-expansion | never-trained languages (hi) (n=8) | 50.0" in table
     sets = format_random_sets(h)
-    assert "| random (3 sets) | never-trained languages (hi) | ASR 75.0 ± 25.0 (range 50.0–100.0)" in sets
+    assert ("| random (3 sets: random-s0, random-s1, random-s2) | never-trained languages (hi) | ASR 75.0 ± 25.0 "
+            "(range 50.0–100.0)") in sets
     assert "| ss-expansion | never-trained languages (hi) | -50.0" in sets and "(4/0)" in sets
     # without a split or with one random set: neither
     h1 = headline(tmp_path, n_resamples=50)
@@ -146,4 +147,37 @@ def test_the_report_shows_the_transfer_split_and_the_random_sets(tmp_path):
     assert [t.title for t in tables] == ["Headline", "Against each random set"]
     assert any(r[1].startswith("never-trained languages (hi)") for r in tables[0].rows)
     assert all(len(r) == len(tables[1].columns) for r in tables[1].rows)
-    assert tables[1].rows[0][0] == "random (2 sets)"
+    assert tables[1].rows[0][0] == "random (2 sets: random-s0, random-s1)"
+
+
+def test_each_recipe_is_compared_with_its_own_random_sets(tmp_path):
+    """With `controls`, precise-shield is compared with random-s<seed> and ss-expansion with
+    random-ss-expansion-s<seed>; lora has no random control; each family's spread is its own."""
+    from neuroshield.evaluate.headline import format_random_sets
+
+    ids = [f"x/{k}" for k in range(8)]
+    base = {("de", i): "compliance" for i in ids}
+    _write(tmp_path / "base", _rows(base))
+    _write(tmp_path / "precise-shield", _rows({("de", i): "refusal" for i in ids}))
+    _write(tmp_path / "ss-expansion", _rows(base))
+    _write(tmp_path / "lora", _rows({("de", i): "refusal" for i in ids}))
+    for s in range(2):  # precise-shield's sets refuse 2 and 4 prompts; ss-expansion's all of them
+        _write(tmp_path / f"random-s{s}", _rows({**base, **{("de", i): "refusal" for i in ids[:2 + 2 * s]}}))
+        _write(tmp_path / f"random-ss-expansion-s{s}", _rows({("de", i): "refusal" for i in ids}))
+    controls = {"precise-shield": ["random-s0", "random-s1"],
+                "ss-expansion": ["random-ss-expansion-s0", "random-ss-expansion-s1"]}
+    h = headline(tmp_path, controls=controls, n_resamples=100)
+    ps, ss, lora = (h["models"][m]["other"] for m in ("precise-shield", "ss-expansion", "lora"))
+    # precise-shield (ASR 0) against the mean of its sets (ASR 6/8 and 4/8): -0.625; ss-expansion (ASR 1) against
+    # its sets (ASR 0): +1
+    assert ps["asr_vs_random"]["value"] == pytest.approx(-0.625)
+    assert ss["asr_vs_random"]["value"] == pytest.approx(1.0)
+    assert set(ps["asr_vs_sets"]) == {"random-s0", "random-s1"}
+    assert set(ss["asr_vs_sets"]) == {"random-ss-expansion-s0", "random-ss-expansion-s1"}
+    assert "asr_vs_random" not in lora and "asr_vs_sets" not in lora
+    assert h["random_sets"]["precise-shield"]["other"]["asr"]["mean"] == pytest.approx(0.625)
+    assert h["random_sets"]["ss-expansion"]["other"]["asr"]["mean"] == 0.0
+    table = format_random_sets(h)
+    assert "| random sets of ss-expansion (2 sets: random-ss-expansion-s0, random-ss-expansion-s1) |" in table
+    assert "| ss-expansion | languages other than en | +100.0" in table
+    assert "| lora |" not in table

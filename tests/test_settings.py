@@ -47,12 +47,11 @@ STAGES: dict[str, type] = {"identify": IdentifyConfig, "validate": ValidateConfi
 CLI_RENAMES: dict[str, dict[str, str]] = {
     "identify": {"methods": "method", "per_language": "limit"},
     "validate": {"per_language": "limit", "benign_guard": "benign_limit"},
-    "train": {"per_language": "harmful_limit", "benign_count": "benign_limit", "neuron_parts": "parts",
-              "random_of": "like"},
+    "train": {"per_language": "harmful_limit", "benign_count": "benign_limit", "neuron_parts": "parts"},
     "evaluate": {"harmful_per_language": "limit", "benign_per_language": "benign_limit"},
 }
 # field -> the API keyword that sets it under another name
-API_RENAMES: dict[str, dict[str, str]] = {"identify": {"methods": "method"}, "train": {"random_of": "like"}}
+API_RENAMES: dict[str, dict[str, str]] = {"identify": {"methods": "method"}}
 
 # fields no CLI option sets, each with the reason
 CONFIG_ONLY: dict[str, dict[str, str]] = {
@@ -88,6 +87,8 @@ CLI_EQUIVALENT: dict[str, dict[str, tuple[str, Any]]] = {
         "harmful": ("harmful", IdentifyConfig().harmful[0]),
         # None = the recipe's learning rate, which for the neuron recipes is train.lr (checked below)
         "lr": ("lr", None),
+        # the pipeline trains controls of each recipe of a list; the command trains one, of the list's first
+        "random_of": ("like", TrainConfig().random_of[0]),
     },
     "evaluate": {
         # 0 turns the part off: the contrast set / the task is then not among the command's sets by default
@@ -191,6 +192,12 @@ def test_api_keywords_default_to_the_settings(stage: str) -> None:
                              f"{defaults[key]!r}")
     assert checked, f"{stage}: no API keyword compared"
     assert not wrong, "\n".join(wrong)
+
+
+def test_one_random_control_copies_the_first_recipe_of_random_of_by_default() -> None:
+    from neuroshield.train.recipes import recipe_neuron_set
+
+    assert inspect.signature(recipe_neuron_set).parameters["like"].default == TrainConfig().random_of[0]
 
 
 def test_run_wide_defaults_agree() -> None:

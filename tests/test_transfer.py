@@ -44,7 +44,7 @@ def test_each_recipe_trains_with_its_overrides_and_random_follows_the_recipe_it_
     assert (ps.languages, ps.refusals, ps.steps, ps.lr) == (["en"], "language", 12, 0.001)
     # the random control trains with the settings of the recipe whose set it copies
     rnd = recipe_settings(tc, "random")
-    assert (rnd.steps, rnd.lr, rnd.random_of) == (12, 0.001, "precise-shield")
+    assert (rnd.steps, rnd.lr, rnd.random_of) == (12, 0.001, ["precise-shield"])
     assert recipe_settings(tc, "lora").steps == 30
     runs = recipe_runs(tc, seed=7)
     assert [(r.name, r.recipe, r.set_seed) for r in runs] == [
@@ -55,6 +55,25 @@ def test_each_recipe_trains_with_its_overrides_and_random_follows_the_recipe_it_
     assert [(r.name, r.set_seed) for r in recipe_runs(tc, seed=7) if r.recipe == "random"] == [("random", 7)]
     # the settings of train itself are never changed by a recipe's
     assert tc.languages == ["en"] and tc.steps == 30
+
+
+def test_random_of_several_recipes_gives_each_its_own_sets_with_its_settings(tmp_path: Path) -> None:
+    c = _load(tmp_path, OVERRIDES.replace("random_seeds: [0, 1, 2]", "random_seeds: [0, 1]\n  random_of: "
+                                          "[precise-shield, ss-expansion]"))
+    from neuroshield.train.recipes import random_controls
+
+    runs = {r.name: r for r in recipe_runs(c.train, seed=7) if r.recipe == "random"}
+    assert list(runs) == ["random-s0", "random-s1", "random-ss-expansion-s0", "random-ss-expansion-s1"]
+    ps_set, ss_set = runs["random-s1"], runs["random-ss-expansion-s1"]
+    assert (ps_set.controls, ps_set.set_seed, ps_set.settings.steps, ps_set.settings.random_of) == (
+        "precise-shield", 1, 12, ["precise-shield"])
+    # ss-expansion's controls train on its parallel data in its languages
+    assert (ss_set.controls, ss_set.settings.languages, ss_set.settings.refusals, ss_set.settings.random_of) == (
+        "ss-expansion", ["en", "zh", "ar"], "parallel", ["ss-expansion"])
+    assert random_controls(c.train, seed=7) == {"precise-shield": ["random-s0", "random-s1"],
+                                                "ss-expansion": ["random-ss-expansion-s0", "random-ss-expansion-s1"]}
+    c.train.random_seeds = []
+    assert [r.name for r in recipe_runs(c.train, seed=7) if r.recipe == "random"] == ["random", "random-ss-expansion"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -76,8 +95,10 @@ def test_override_errors_name_the_file_the_recipe_and_the_key(tmp_path: Path, ov
 
 
 def test_random_of_and_random_seeds_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="train.random_of 'lora'"):
+    with pytest.raises(ConfigError, match=r"train.random_of \['lora'\]: give one or more of"):
         _load(tmp_path, "train: {random_of: lora}\n")
+    with pytest.raises(ConfigError, match=r"train.random_of \['ss-expansion', 'ss-expansion'\]: .* each once"):
+        _load(tmp_path, "train: {random_of: [ss-expansion, ss-expansion]}\n")
     with pytest.raises(ConfigError, match=r"train.random_seeds \[1, 1\]: give different seeds"):
         _load(tmp_path, "train: {random_seeds: [1, 1]}\n")
     with pytest.raises(ConfigError, match="train.random_seeds: expected whole numbers"):
@@ -239,7 +260,8 @@ train:
 
 
 def test_the_run_headline_pools_trained_and_never_trained_and_lists_the_random_sets(tmp_path: Path) -> None:
-    c = _load(tmp_path, f"out_dir: {tmp_path / 'runs'}\nname: h\nlanguages: [en, zh, hi]\nnever_trained: [hi]\n")
+    c = _load(tmp_path, f"out_dir: {tmp_path / 'runs'}\nname: h\nlanguages: [en, zh, hi]\nnever_trained: [hi]\n"
+                        "train: {random_seeds: [0, 1]}\n")
     for model in ("base", "precise-shield", "random-s0", "random-s1"):
         rows = [{"section": "safety", "role": "harmful", "id": f"x/{k}", "language": lang, "modality": "text",
                  "verdict": "compliance" if (k + len(model)) % 2 else "refusal"}
@@ -251,7 +273,7 @@ def test_the_run_headline_pools_trained_and_never_trained_and_lists_the_random_s
     assert md is not None
     text = md.read_text()
     assert "never-trained languages (hi) (n=4)" in text and "trained languages (en, zh) (n=8)" in text
-    assert "Random sets, one by one" in text and "| random (2 sets) |" in text
+    assert "Random sets, one by one" in text and "| random sets of precise-shield (2 sets: random-s0, random-s1) |" in text
     h = json.loads((c.run_dir / "evaluate" / "headline.json").read_text())
     assert h["never_trained"] == ["hi"] and set(h["models"]["precise-shield"]["never-trained"]["asr_vs_sets"]) == {
         "random-s0", "random-s1"}

@@ -237,9 +237,10 @@ def check_values(config: PipelineConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: train.recipes {tc.recipes}: unknown recipe(s) {bad}; give one or more of "
                           f"{', '.join(RECIPES)}")
     controlled = [r for r in NEURON_RECIPES if r != "random"]
-    if tc.random_of not in controlled:
-        raise ConfigError(f"{where}: train.random_of {tc.random_of!r}: give {' or '.join(controlled)} (the recipe whose "
-                          "set the random control copies, layer by layer)")
+    bad = [r for r in tc.random_of if r not in controlled]
+    if not tc.random_of or bad or len(set(tc.random_of)) < len(tc.random_of):
+        raise ConfigError(f"{where}: train.random_of {tc.random_of}: give one or more of {', '.join(controlled)}, each "
+                          "once (the recipes whose sets the random control copies, layer by layer)")
     if any(s < 0 for s in tc.random_seeds) or len(set(tc.random_seeds)) < len(tc.random_seeds):
         raise ConfigError(f"{where}: train.random_seeds {tc.random_seeds}: give different seeds >= 0")
     for recipe, keys in tc.overrides.items():
@@ -252,16 +253,17 @@ def check_values(config: PipelineConfig, where: str = "config") -> None:
     for recipe in tc.recipes if tc.enabled else []:
         # the recipe's merged settings; a message names the override that set the key (random: its own or that of
         # the recipe it controls)
-        sources = [recipe] + ([tc.random_of] if recipe == "random" else [])
+        for controlled in tc.random_of if recipe == "random" else [None]:
+            sources = [recipe] + ([controlled] if controlled else [])
 
-        def name(key: str, sources: list[str] = sources) -> str:
-            owner = next((r for r in sources if key in tc.overrides.get(r, {})), None)
-            return f"train.overrides.{owner}.{key}" if owner else f"train.{key}"
+            def name(key: str, sources: list[str] = sources) -> str:
+                owner = next((r for r in sources if key in tc.overrides.get(r, {})), None)
+                return f"train.overrides.{owner}.{key}" if owner else f"train.{key}"
 
-        settings = recipe_settings(tc, recipe)
-        if any(tc.overrides.get(r) for r in sources):
-            _check_train(config, settings, where, name)
-        _check_never_trained(config, settings, where, name, recipe)
+            settings = recipe_settings(tc, recipe, controlled)
+            if any(tc.overrides.get(r) for r in sources):
+                _check_train(config, settings, where, name)
+            _check_never_trained(config, settings, where, name, recipe)
     from neuroshield.judges.registry import JUDGE_NAMES
 
     judge = config.evaluate.judge

@@ -314,7 +314,7 @@ class Pipeline:
             neuron_set = recipe_neuron_set(recipe, loaded, self.run_dir / "identify" / tc.method,
                                            set_languages=tc.set_languages or c.identify_languages,
                                            modalities=c.modalities, high_resource=c.high_resource[0],
-                                           budget=tc.budget, like=tc.random_of,
+                                           budget=tc.budget, like=run.controls or tc.random_of[0],
                                            seed=c.seed if run.set_seed is None else run.set_seed, trim=tc.trim)
         if on_step is None and tc.select_every > 0:
             on_step = self.step_selector(loaded, harmful + benign, out_dir, tc)
@@ -414,6 +414,8 @@ class Pipeline:
                 ignored = ({"recipes", "overrides", "random_seeds"} | ({"random_of"} if recipe != "random" else set())
                            | (set() if recipe in NEURON_RECIPES else NEURON_ONLY_TRAIN_KEYS))
                 settings = {k: v for k, v in run.settings.__dict__.items() if k not in ignored}
+                if run.controls is not None:  # a random run's key names the one recipe whose set it copies
+                    settings["random_of"] = run.controls
                 recipe_key = _fingerprint({**inputs, "config": settings, "data": data[name],
                                            "identify": inputs["identify"] if recipe in NEURON_RECIPES else None,
                                            "recipe": recipe, "set_seed": run.set_seed, "version": __version__})
@@ -517,7 +519,11 @@ class Pipeline:
         folder = self.run_dir / "evaluate"
         if not folder.is_dir():
             return None
+        from neuroshield.train.recipes import random_controls
+
+        tc = self.config.train
         h = headline(folder, high_resource=self.config.high_resource, never_trained=self.config.never_trained,
+                     controls=random_controls(tc, self.config.seed) if "random" in tc.recipes else None,
                      seed=self.config.seed)
         if not h["models"]:
             return None

@@ -90,10 +90,11 @@ class TrainConfig:
     # same ids in every one of `languages`, each prompt in that language with a refusal template in that language:
     # ss-expansion as published; ids a training language lacks are left out)
     refusals: str = "language"
-    # the random control copies the set of `random_of` (same count per layer and site) and trains with that recipe's
-    # settings (its overrides, then random's own); one set per seed in `random_seeds`, named random-s<seed>
-    # ([]: one set with the run's seed, named random)
-    random_of: str = "precise-shield"
+    # the random control: for each recipe of `random_of`, a copy of its set's count per layer and site, trained with
+    # that recipe's settings (its overrides, then random's own); one set per seed in `random_seeds`, named
+    # random-s<seed> for the first recipe and random-<recipe>-s<seed> for the others ([]: one set with the run's seed,
+    # named random / random-<recipe>)
+    random_of: list[str] = field(default_factory=lambda: ["precise-shield"])
     random_seeds: list[int] = field(default_factory=list)
     # per-recipe settings over the ones above: recipe -> {train key: value}, e.g.
     # {ss-expansion: {languages: [en, zh], refusals: parallel}}

@@ -23,8 +23,8 @@ def register(app: typer.Typer) -> None:
         set_languages: str = typer.Option(joined(TC.set_languages), help="precise-shield: languages whose sets to unite "
                                           "(default: every ms_<lang> in the --set folder)."),
         modalities: str = typer.Option("text", help="precise-shield: modalities whose sets to unite (text,image)."),
-        like: str = typer.Option(TC.random_of, help="random: the recipe whose set the control copies "
-                                 "(train.random_of)."),
+        like: str = typer.Option(TC.random_of[0], help="random: the recipe whose set the control copies "
+                                 "(train.random_of: the pipeline trains controls of each of a list)."),
         high_resource: str = typer.Option(RUN.high_resource[0], help="ss-expansion: the high-resource language."),
         budget: float = typer.Option(TC.budget, help="precise-shield: parameter budget as a fraction of all."),
         trim: str = typer.Option(TC.trim, help="How --budget trims the set (precise-shield, and the random "
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
             langs = split_list(languages)
             settings = TrainConfig(
                 set_languages=split_list(set_languages) or [], languages=langs or [], per_language=harmful_limit,
-                harmful=split_sources(harmful), benign=split_sources(benign), refusals=refusals, random_of=like,
+                harmful=split_sources(harmful), benign=split_sources(benign), refusals=refusals, random_of=[like],
                 benign_languages=split_list(benign_languages) or [], benign_count=benign_limit,
                 benign_fraction=benign_fraction, benign_answers=benign_answers,
                 benign_max_new_tokens=benign_max_new_tokens, steps=steps, warmup_steps=warmup_steps,

@@ -9,18 +9,20 @@ language pooled; with `never_trained`: the languages trained on pooled, the neve
 * everyday over-refusal (benign prompts refused), exaggerated-safety refusal (contrast prompts refused),
 * XCOPA accuracy,
 
-each with its bootstrap 95 % interval, and the *paired* difference of each against `base` and against the
-random control(s) on the same prompts (paired bootstrap over prompts; a random control of several sets is their
-mean per prompt). With several random sets, each neuron recipe is also compared with each set on its own
-(`<metric>_vs_sets`: the paired difference and the discordant prompts), and `random_sets` gives the sets' mean,
-standard deviation and range per group. Numbers are shares in [0, 1]; `format_headline` and `format_random_sets`
-print them in percent.
+each with its bootstrap 95 % interval, and the *paired* difference of each against `base` and against its random
+control on the same prompts (paired bootstrap over prompts; a random control of several sets is their mean per
+prompt). `controls` says which random models control which recipe (`train.recipes.random_controls`: precise-shield
+by random-s<seed>, ss-expansion by random-ss-expansion-s<seed>); without it every model named random* controls every
+other model. With several random sets, each controlled recipe is also compared with each of its sets on its own
+(`<metric>_vs_sets`: the paired difference and the discordant prompts), and `random_sets[recipe]` gives the sets'
+mean, standard deviation and range per group. Numbers are shares in [0, 1]; `format_headline` and
+`format_random_sets` print them in percent.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +81,11 @@ def _in_group(language: str, group: str, high_resource: Sequence[str], never_tra
 
 
 def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), never_trained: Sequence[str] = (),
-             random_prefix: str = "random", n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+             controls: Mapping[str, Sequence[str]] | None = None, random_prefix: str = "random",
+             n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """See the module docstring. Models are the sub-folders of `eval_dir` holding `items.jsonl`; `base` first.
-    `never_trained`: the run's never-trained languages (`PipelineConfig.never_trained`; empty: no transfer groups)."""
+    `never_trained`: the run's never-trained languages (`PipelineConfig.never_trained`; empty: no transfer groups).
+    `controls`: recipe -> its random control models (None: every `random_prefix` model controls every other one)."""
     root = Path(eval_dir)
     folders = sorted((p for p in root.iterdir() if (p / "items.jsonl").is_file()),
                      key=lambda p: (p.name != "base", p.name))
@@ -93,9 +97,17 @@ def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), ne
     names[TRAINED] = "trained languages (" + ", ".join(x for x in seen if x not in never_trained) + ")"
     names[NEVER_TRAINED] = "never-trained languages (" + ", ".join(x for x in seen if x in never_trained) + ")"
     randoms = [m for m in items if m.startswith(random_prefix)]
+    if controls is None:  # one family: every random model controls every other trained model
+        family_of = {m: "random" for m in items if m != "base" and m not in randoms} if randoms else {}
+        families = {"random": randoms} if randoms else {}
+    else:
+        families = {m: [r for r in rs if r in items] for m, rs in controls.items() if m in items}
+        families = {m: rs for m, rs in families.items() if rs and all(r in items for r in rs)}
+        family_of = {m: m for m in families}
+        randoms = [r for rs in families.values() for r in rs]
     out: dict[str, Any] = {"groups": groups, "group_names": {g: names[g] for g in groups},
                            "never_trained": list(never_trained), "models": {}, "random_controls": randoms,
-                           "random_sets": {}}
+                           "controls": {m: families[f] for m, f in family_of.items()}, "random_sets": {}}
 
     def cell(model: str, metric: str, group: str) -> dict[tuple[str, str, str], float]:
         return {k: v for k, v in items[model][metric].items()
@@ -103,6 +115,7 @@ def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), ne
 
     for model in items:
         entry: dict[str, Any] = {}
+        mine_sets = families.get(family_of.get(model, ""), [])
         for group in groups:
             g: dict[str, Any] = {}
             for metric in METRICS:
@@ -111,9 +124,10 @@ def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), ne
                     continue
                 r = Rate.of(list(mine.values()), n_resamples=n_resamples, seed=seed, key=f"{metric}/{group}")
                 g[metric] = r.to_dict()
-                for ref_name, refs in (("base", ["base"]), ("random", randoms)):
-                    # the base model is the reference of both comparisons, never compared itself
-                    if model in (ref_name, "base") or model in refs or not refs or any(x not in items for x in refs):
+                # the base model is the reference of both comparisons, never compared itself
+                refs_of = {"base": [] if model == "base" else ["base"], "random": mine_sets}
+                for ref_name, refs in refs_of.items():
+                    if not refs:
                         continue
                     ref_cells = [cell(x, metric, group) for x in refs]
                     keys = [k for k in mine if all(k in rc for rc in ref_cells)]
@@ -123,21 +137,25 @@ def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), ne
                     d = paired_difference(before, [mine[k] for k in keys], n_resamples=n_resamples, seed=seed,
                                           key=f"{metric}/{group}/vs-{ref_name}")
                     g[f"{metric}_vs_{ref_name}"] = d.to_dict()
-                if len(randoms) > 1 and model not in randoms and model != "base":
+                if len(mine_sets) > 1:
                     g[f"{metric}_vs_sets"] = {r: _paired(cell(r, metric, group), mine, n_resamples, seed,
-                                                         f"{metric}/{group}/vs-{r}") for r in randoms}
+                                                         f"{metric}/{group}/vs-{r}") for r in mine_sets}
             entry[group] = g
         out["models"][model] = entry
-    for group in groups if len(randoms) > 1 else []:
-        out["random_sets"][group] = {}
-        for metric in METRICS:
-            values = {r: out["models"][r][group][metric]["value"] for r in randoms
-                      if metric in out["models"][r].get(group, {})}
-            if len(values) == len(randoms):
-                v = np.array(list(values.values()), dtype=np.float64)
-                out["random_sets"][group][metric] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)),
-                                                     "min": float(v.min()), "max": float(v.max()),
-                                                     "sets": len(v), "values": values}
+    for family, sets in families.items():
+        if len(sets) < 2:
+            continue
+        out["random_sets"][family] = {}
+        for group in groups:
+            stats: dict[str, Any] = {}
+            for metric in METRICS:
+                values = {r: out["models"][r][group][metric]["value"] for r in sets
+                          if metric in out["models"][r].get(group, {})}
+                if len(values) == len(sets):
+                    v = np.array(list(values.values()), dtype=np.float64)
+                    stats[metric] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)), "min": float(v.min()),
+                                     "max": float(v.max()), "sets": len(v), "values": values}
+            out["random_sets"][family][group] = stats
     return out
 
 
@@ -184,29 +202,38 @@ def format_headline(h: dict[str, Any]) -> str:
 
 
 def format_random_sets(h: dict[str, Any], metric: str = "asr") -> str:
-    """A Markdown table of the random sets (`random_sets`, several sets only): per language group their `metric`
-    (mean ± standard deviation, range), then each other model's paired difference against each set, in points, with
-    the discordant prompts (fewer / more than the set). "" when the run has fewer than two random sets."""
-    randoms = h.get("random_controls", [])
-    if len(randoms) < 2 or not h.get("random_sets"):
+    """A Markdown table of the random sets (`random_sets`, families of several sets only): per family and language
+    group the sets' `metric` (mean ± standard deviation, range), then the paired difference of each model they
+    control against each set, in points, with the discordant prompts (fewer / more than the set). "" when no recipe
+    has two or more random sets."""
+    families = h.get("random_sets") or {}
+    if not families:
         return ""
     label = LABELS[metric]
-    cols = ["model", "languages", *[f"Δ {label} vs {r} (fewer/more)" for r in randoms]]
+    controls: dict[str, list[str]] = h.get("controls", {})
+    width = max(len(sets) for sets in controls.values())
+    cols = ["model", "languages", *[f"Δ {label} vs set {i + 1} (fewer/more)" for i in range(width)]]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for group in h["groups"]:
-        rs = h["random_sets"].get(group, {}).get(metric)
-        if rs:
+    for family, by_group in families.items():
+        sets = controls.get(family) or h.get("random_controls", [])  # family "random": every random model
+        models = [m for m in h["models"] if controls.get(m) == sets]
+        title = "random" if family == "random" else f"random sets of {family}"
+        for group in h["groups"]:
+            rs = by_group.get(group, {}).get(metric)
+            if not rs:
+                continue
             spread = (f"{label} {100 * rs['mean']:.1f} ± {100 * rs['sd']:.1f} "
                       f"(range {100 * rs['min']:.1f}–{100 * rs['max']:.1f})")
-            lines.append("| " + " | ".join([f"random ({rs['sets']} sets)", h["group_names"][group],
-                                            *([spread] + [""] * (len(randoms) - 1))]) + " |")
-        for model, entry in h["models"].items():
-            sets = entry.get(group, {}).get(f"{metric}_vs_sets")
-            if not sets:
-                continue
-            cells = [_pct(sets.get(r), True) + (f" ({sets[r]['fewer']}/{sets[r]['more']})" if sets.get(r, {}).get("n")
-                                                 else "") for r in randoms]
-            lines.append("| " + " | ".join([model, h["group_names"][group], *cells]) + " |")
+            lines.append("| " + " | ".join([f"{title} ({rs['sets']} sets: {', '.join(sets)})",
+                                            h["group_names"][group], spread, *[""] * (width - 1)]) + " |")
+            for model in models:
+                each = h["models"][model].get(group, {}).get(f"{metric}_vs_sets")
+                if not each:
+                    continue
+                cells = [_pct(each.get(r), True) + (f" ({each[r]['fewer']}/{each[r]['more']})"
+                                                     if each.get(r, {}).get("n") else "") for r in sets]
+                lines.append("| " + " | ".join([model, h["group_names"][group], *cells,
+                                                *[""] * (width - len(cells))]) + " |")
     return "\n".join(lines)
 
 

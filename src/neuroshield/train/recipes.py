@@ -72,37 +72,62 @@ RUN_WIDE_TRAIN_KEYS: tuple[str, ...] = ("enabled", "recipes", "random_of", "rand
 # --------------------------------------------------------------------------------------------------
 
 
-def recipe_settings(settings: TrainConfig, recipe: str) -> TrainConfig:
+def recipe_settings(settings: TrainConfig, recipe: str, controls: str | None = None) -> TrainConfig:
     """The settings `recipe` trains with: `settings` with `settings.overrides[recipe]` applied (`random`: the overrides
-    of `random_of`, the recipe it controls, then its own), without overrides left in it."""
+    of the recipe it controls, `controls` or else `random_of`'s first, then its own), without overrides left in it.
+    A random run's `random_of` is then the one recipe it controls."""
     merged: dict[str, Any] = {}
-    for name in ([settings.random_of] if recipe == "random" else []) + [recipe]:
+    controlled = (controls or settings.random_of[0]) if recipe == "random" else None
+    for name in ([controlled] if controlled else []) + [recipe]:
         merged.update(settings.overrides.get(name, {}))
+    if controlled:
+        merged["random_of"] = [controlled]
     return dataclasses.replace(settings, overrides={}, **copy.deepcopy(merged))
 
 
 @dataclass(frozen=True)
 class RecipeRun:
     """One training run of the pipeline: its name (the run folder and the evaluation's name), its recipe, its merged
-    settings and, for a random control, the seed of its set."""
+    settings, for a random control the seed of its set and the recipe whose set it copies (`controls`)."""
 
     name: str
     recipe: str
     settings: TrainConfig
     set_seed: int | None = None
+    controls: str | None = None
+
+
+def random_run_name(controls: str, first: bool, seed: int | None) -> str:
+    """The name of a random control run: random-s<seed> (or random) for the controls of `random_of`'s first recipe,
+    random-<recipe>-s<seed> (or random-<recipe>) for those of the others."""
+    stem = "random" if first else f"random-{controls}"
+    return stem if seed is None else f"{stem}-s{seed}"
 
 
 def recipe_runs(settings: TrainConfig, seed: int) -> list[RecipeRun]:
-    """The runs of `settings.recipes` in order: `random` is one run per `random_seeds` entry (random-s<seed>), or one
-    named `random` with the run's `seed` when the list is empty."""
+    """The runs of `settings.recipes` in order: `random` is, for each recipe of `random_of`, one run per
+    `random_seeds` entry (`random_run_name`), or one with the run's `seed` when the list is empty."""
     runs: list[RecipeRun] = []
     for recipe in settings.recipes:
-        merged = recipe_settings(settings, recipe)
-        if recipe == "random" and settings.random_seeds:
-            runs += [RecipeRun(f"random-s{s}", recipe, merged, s) for s in settings.random_seeds]
-        else:
-            runs.append(RecipeRun(recipe, recipe, merged, seed if recipe == "random" else None))
+        if recipe != "random":
+            runs.append(RecipeRun(recipe, recipe, recipe_settings(settings, recipe)))
+            continue
+        for i, controlled in enumerate(settings.random_of):
+            merged = recipe_settings(settings, recipe, controlled)
+            seeds: list[int | None] = list(settings.random_seeds) or [None]
+            runs += [RecipeRun(random_run_name(controlled, i == 0, s), recipe, merged, seed if s is None else s,
+                               controlled) for s in seeds]
     return runs
+
+
+def random_controls(settings: TrainConfig, seed: int) -> dict[str, list[str]]:
+    """recipe -> the names of its random control runs (`recipe_runs`), for the recipes of `random_of` that are
+    themselves in `recipes` (the headline compares each with its own controls)."""
+    out: dict[str, list[str]] = {}
+    for run in recipe_runs(settings, seed):
+        if run.controls is not None and run.controls in settings.recipes:
+            out.setdefault(run.controls, []).append(run.name)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +178,7 @@ def trim_set(ns: NeuronSet, loaded: Any, fraction: float, spread: str = "layer")
 def recipe_neuron_set(
     recipe: str, loaded: Any, source: NeuronSet | str | Path | Sequence[str | Path], *,
     set_languages: Sequence[str] | None = None, modalities: Sequence[str] = ("text",),
-    high_resource: str = DEFAULT_HIGH_RESOURCE, budget: float | None = DEFAULT_BUDGET, like: str = "precise-shield",
+    high_resource: str = DEFAULT_HIGH_RESOURCE, budget: float | None = DEFAULT_BUDGET, like: str = _TC.random_of[0],
     seed: int = 0, trim: str = _TC.trim,
 ) -> NeuronSet:
     """The neuron set a recipe trains, from a set, a set file, several files, or a folder of MS sets.
@@ -376,6 +401,7 @@ def trainable_part(recipe: str, loaded: Any, neuron_set: NeuronSet | None, optio
     return Trainable(Forward(net), net, None, None, sum(p.numel() for p in net.parameters() if p.requires_grad), None)
 
 
-__all__ = ["RECIPES", "NEURON_RECIPES", "REFUSALS", "RUN_WIDE_TRAIN_KEYS", "recipe_settings", "RecipeRun", "recipe_runs", "DEFAULT_BUDGET", "DEFAULT_LR", "LORA_MODULES", "recipe_neuron_set",
+__all__ = ["RECIPES", "NEURON_RECIPES", "REFUSALS", "RUN_WIDE_TRAIN_KEYS", "recipe_settings", "RecipeRun", "recipe_runs",
+           "random_run_name", "random_controls", "DEFAULT_BUDGET", "DEFAULT_LR", "LORA_MODULES", "recipe_neuron_set",
            "control_set", "recipe_lr", "find_set_files", "trim_set", "prepare_examples", "TrainingData",
            "training_data", "Trainable", "lora_model", "trainable_part"]
