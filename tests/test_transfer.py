@@ -277,3 +277,74 @@ def test_the_run_headline_pools_trained_and_never_trained_and_lists_the_random_s
     h = json.loads((c.run_dir / "evaluate" / "headline.json").read_text())
     assert h["never_trained"] == ["hi"] and set(h["models"]["precise-shield"]["never-trained"]["asr_vs_sets"]) == {
         "random-s0", "random-s1"}
+
+
+BUDGET_RUN = """
+name: budget
+model: {model}
+out_dir: {out}
+languages: [en, zh, de]
+never_trained: [de]
+identify: {{per_language: 4, methods: [plnd], rho: 0.2, batch_size: 4}}
+validate: {{enabled: false}}
+train: {{enabled: false, per_language: 3, benign_count: 2, steps: 2, batch_size: 2, max_length: 96}}
+evaluate: {{enabled: false, harmful_per_language: 3, contrast_per_language: 2}}
+budget:
+  enabled: true
+  recipes: [precise-shield, random]
+  fractions: [0.01, 0.05]
+  lora_ranks: {ranks}
+"""
+
+
+def test_the_budget_stage_trains_each_point_scores_it_and_reuses_finished_points(
+        tmp_path: Path, tiny_folder: Path, one_thread) -> None:
+    """precise-shield and its random control at two budgets and LoRA at two ranks, each trained from the base weights
+    and scored with the refusal score on held-out prompts, per language group; a rerun reuses every point, a new rank
+    trains only that point; the report shows the curve."""
+    from neuroshield.report.report import build_report
+
+    c = _load(tmp_path, BUDGET_RUN.format(model=tiny_folder, out=tmp_path / "runs", ranks="[1, 2]"))
+    Pipeline(c).run(("identify", "budget"))
+    curve = json.loads((c.run_dir / "budget" / "budget.json").read_text())
+    points = {p["name"]: p for p in curve["points"]}
+    assert list(points) == ["precise-shield@1%", "precise-shield@5%", "random@1%", "random@5%", "lora-r1", "lora-r2"]
+    ps1, ps5 = points["precise-shield@1%"], points["precise-shield@5%"]
+    # a larger budget trains more parameters, within it; the random control copies the set's count at each budget
+    assert 0 < ps1["parameters_trained"] < ps5["parameters_trained"]
+    assert ps1["fraction_trained"] <= 0.01 and ps5["fraction_trained"] <= 0.05
+    assert points["random@1%"]["parameters_trained"] == ps1["parameters_trained"]
+    # LoRA trains r x (in + out) per module and changes the whole weights once merged
+    lora1, lora2 = points["lora-r1"], points["lora-r2"]
+    assert lora2["parameters_trained"] == 2 * lora1["parameters_trained"] > 0
+    assert lora1["parameters_updated"] == lora2["parameters_updated"] > lora2["parameters_trained"]
+    # every point and the base: both rates in every group, on the same prompts (3 harmful per language, 3 languages)
+    for p in [curve["base"], *curve["points"]]:
+        assert set(p["groups"]) == {"all", "trained", "never-trained"}
+        g = p["groups"]["all"]
+        assert g["asr"]["n"] == 9 and 0 <= g["asr"]["value"] <= 1
+        assert g["exaggerated_refusal"]["n"] == curve["base"]["groups"]["all"]["exaggerated_refusal"]["n"] > 0
+        assert p["groups"]["never-trained"]["asr"]["n"] == 3
+    # the trained weights differ from the base: the scores move
+    assert points["lora-r2"]["scores"] != curve["base"]["scores"]
+    assert (c.run_dir / "budget" / "budget.png").stat().st_size > 0
+    before = {n: (c.run_dir / "budget" / n / "point.json").stat().st_mtime_ns for n in points}
+    # a rerun with one more rank: only that point trains
+    c2 = _load(tmp_path, BUDGET_RUN.format(model=tiny_folder, out=tmp_path / "runs", ranks="[1, 2, 4]"), "c2.yaml")
+    Pipeline(c2).run(("identify", "budget"))
+    after = {n: (c2.run_dir / "budget" / n / "point.json").stat().st_mtime_ns for n in points}
+    assert after == before and (c2.run_dir / "budget" / "lora-r4" / "point.json").is_file()
+    html = build_report(c2.run_dir).read_text()
+    assert 'id="budget"' in html and "lora-r4" in html and "precise-shield@5%" in html
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("{recipes: [ss-expansion]}", r"budget.recipes \['ss-expansion'\]: give precise-shield or random"),
+    ("{fractions: [0.0003, 3]}", r"budget.fractions \[3.0\]: give shares of all parameters in \(0, 1\)"),
+    ("{fractions: [a]}", r"budget.fractions: expected numbers, got 'a'"),
+    ("{lora_ranks: [0]}", r"budget.lora_ranks \[0\]: give ranks >= 1"),
+    ("{enabled: true, recipes: [], lora_ranks: []}", r"budget is enabled but has no point"),
+])
+def test_budget_errors_name_the_key(tmp_path: Path, budget: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, f"budget: {budget}\n", "bad.yaml")

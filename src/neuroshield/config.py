@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from neuroshield.settings import (  # noqa: F401  (re-exported: the settings live there)
+    BudgetConfig,
     EvaluateConfig,
     IdentifyConfig,
     PipelineConfig,
@@ -42,7 +43,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             if isinstance(value, str):
                 # "en,zh" is a list; "xsafety:A,B" is one source whose option holds commas (use [..] for several)
                 value = [value] if ":" in value else [v.strip() for v in value.split(",") if v.strip()]
-            if isinstance(value, int) and not isinstance(value, bool) and f.type == "list[int]":
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.type in ("list[int]", "list[float]"):
                 value = [value]
             if not isinstance(value, list):
                 raise ConfigError(f"{where}.{name}: expected a list, got {value!r}")
@@ -51,6 +52,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 if bad:
                     raise ConfigError(f"{where}.{name}: expected whole numbers, got {bad}")
                 kwargs[name] = [int(v) for v in value]
+            elif f.type == "list[float]":
+                kwargs[name] = [_number(v, f"{where}.{name}") for v in value]
             else:
                 kwargs[name] = [str(v) for v in value]
         elif isinstance(default, bool):
@@ -71,6 +74,18 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         else:
             kwargs[name] = str(value)
     return cls(**kwargs)
+
+
+def _number(value: Any, where: str) -> float:
+    """A number of a list (YAML 1.1 reads 1e-3, without a dot, as text)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected numbers, got {value!r}")
+    return float(value)
 
 
 def _partial_sections(cls: type, data: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -264,11 +279,34 @@ def check_values(config: PipelineConfig, where: str = "config") -> None:
             if any(tc.overrides.get(r) for r in sources):
                 _check_train(config, settings, where, name)
             _check_never_trained(config, settings, where, name, recipe)
+    _check_budget(config, where)
     from neuroshield.judges.registry import JUDGE_NAMES
 
     judge = config.evaluate.judge
     if judge not in JUDGE_NAMES and not Path(judge).expanduser().exists():
         raise ConfigError(f"{where}: evaluate.judge {judge!r}: give {' or '.join(JUDGE_NAMES)}, or a classifier folder")
+
+
+def _check_budget(config: PipelineConfig, where: str) -> None:
+    """budget: neuron recipes, shares of the parameters in (0, 1), LoRA ranks >= 1, something to train."""
+    from neuroshield.evaluate.budget import BUDGET_RECIPES
+
+    bc = config.budget
+    bad = [r for r in bc.recipes if r not in BUDGET_RECIPES]
+    if bad:
+        raise ConfigError(f"{where}: budget.recipes {bc.recipes}: give {' or '.join(BUDGET_RECIPES)} (the recipes "
+                          "that trim a set to a budget; LoRA points come from budget.lora_ranks)")
+    wrong = [f for f in bc.fractions if not 0 < f < 1]
+    if wrong:
+        raise ConfigError(f"{where}: budget.fractions {wrong}: give shares of all parameters in (0, 1), e.g. 0.0003 "
+                          "for 0.03 %")
+    if any(r < 1 for r in bc.lora_ranks):
+        raise ConfigError(f"{where}: budget.lora_ranks {bc.lora_ranks}: give ranks >= 1")
+    if bc.batch_size < 1:
+        raise ConfigError(f"{where}: budget.batch_size must be >= 1")
+    if bc.enabled and not ((bc.recipes and bc.fractions) or bc.lora_ranks):
+        raise ConfigError(f"{where}: budget is enabled but has no point: give budget.recipes and budget.fractions, "
+                          "or budget.lora_ranks")
 
 
 def _check_transfer(config: PipelineConfig, where: str) -> None:

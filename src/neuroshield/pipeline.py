@@ -27,15 +27,15 @@ from neuroshield.io import write_json as _write_json
 from neuroshield.config import PipelineConfig, check_values
 from neuroshield.models.loading import dtype_name
 from neuroshield.data.records import PromptRecord
-from neuroshield.settings import BENIGN_CACHE
+from neuroshield.settings import BENIGN_CACHE, PIPELINE_STAGES
 
 log = logging.getLogger(__name__)
 
-STAGES = ("identify", "validate", "train", "evaluate", "report")
+STAGES = PIPELINE_STAGES
 
 
 # the stages whose inputs include this stage's results: when it runs again, their markers go too
-DOWNSTREAM = {"identify": ("validate", "train"), "train": ("evaluate",)}
+DOWNSTREAM = {"identify": ("validate", "train", "budget"), "train": ("evaluate",)}
 
 # keys of stage outputs (and recipe results) that hold paths: stored relative to the run folder, so that a run
 # folder can be copied or moved; read back against the folder they are read from
@@ -272,10 +272,11 @@ class Pipeline:
                              f"{', '.join(runs)})")
         return runs[name]
 
-    def train_data(self, name: str = "") -> tuple[list[PromptRecord], list[PromptRecord]]:
+    def train_data(self, name: str = "", settings: Any = None) -> tuple[list[PromptRecord], list[PromptRecord]]:
         """(harmful, benign) held-in training prompts of the run `name` (its recipe's settings, overrides applied;
-        "": `train` itself). `refusals: parallel` takes the same ids in every training language."""
-        tc = self.recipe_run(name).settings if name else self.config.train
+        "": `train` itself), or of the train `settings` given. `refusals: parallel` takes the same ids in every
+        training language."""
+        tc = settings if settings is not None else self.recipe_run(name).settings if name else self.config.train
         sources = tc.harmful or self.config.identify.harmful[:1]
         if tc.refusals == "parallel":
             harmful = [r for source in sources
@@ -292,21 +293,26 @@ class Pipeline:
 
     def train_recipe(self, name: str, out_dir: Path, *, resume: bool = True, export: bool = True,
                      progress: bool = True, loaded: Any = None,
-                     on_step: Callable[[int, dict[str, Any]], float | None] | None = None) -> tuple[Any, Any]:
+                     on_step: Callable[[int, dict[str, Any]], float | None] | None = None,
+                     run: Any = None, lora_r: int | None = None, benign_cache: Path | None = None
+                     ) -> tuple[Any, Any]:
         """Train the run `name` (a recipe of `train.recipes`, or random-s<seed>) from fresh base weights with its
         recipe's settings (`train.recipes.recipe_settings`) on `train_data(name)`; needs identify's sets for the neuron
         recipes. Returns (the trained LoadedModel, its TrainResult). The base model's benign
         answers are cached beside `out_dir` (shared by the recipes). `loaded`: the base model to train in place
         (default: a fresh copy); `on_step(step, record)` runs after each optimizer step with the weights so far
-        in effect on `loaded` (the training sweep screens intermediate steps with it)."""
+        in effect on `loaded` (the training sweep screens intermediate steps with it). `run`: a `RecipeRun` that is
+        not one of `train.recipes` (the budget curve's points); `lora_r`: LoRA's rank (alpha 2 x rank; default:
+        `TrainOptions`' r 16, alpha 32); `benign_cache`: where the base model's benign answers are cached (default:
+        beside `out_dir`)."""
         from neuroshield.settings import TrainOptions
         from neuroshield.train.recipes import NEURON_RECIPES, recipe_neuron_set
         from neuroshield.train.trainer import train
 
         c = self.config
-        run = self.recipe_run(name)
+        run = run if run is not None else self.recipe_run(name)
         recipe, tc = run.recipe, run.settings
-        harmful, benign = self.train_data(name)
+        harmful, benign = self.train_data(settings=tc)
         loaded = loaded if loaded is not None else self.base_model()  # every recipe starts from the base weights
         neuron_set = None
         if recipe in NEURON_RECIPES:
@@ -319,7 +325,8 @@ class Pipeline:
         if on_step is None and tc.select_every > 0:
             on_step = self.step_selector(loaded, harmful + benign, out_dir, tc)
         options = TrainOptions(resume=resume, export=export, progress=progress,
-                               benign_cache=str(out_dir.parent / BENIGN_CACHE))
+                               benign_cache=str(benign_cache or out_dir.parent / BENIGN_CACHE),
+                               **({"lora_r": lora_r, "lora_alpha": 2 * lora_r} if lora_r else {}))
         result = train(loaded, recipe, tc, harmful=harmful, benign=benign, out_dir=out_dir, neuron_set=neuron_set,
                        seed=c.seed, options=options, on_step=on_step)
         if tc.select_every > 0 and result is not None and not getattr(result, "interrupted", False):
@@ -503,6 +510,96 @@ class Pipeline:
 
         return self._stage("evaluate", inputs, body)
 
+    def budget_runs(self) -> list[tuple[Any, int | None]]:
+        """The budget curve's points: (RecipeRun, LoRA rank or None). A neuron recipe at a budget is named
+        `<recipe>@<percent>%` and trains with the run's settings for it (`train.recipes.recipe_settings`) at that
+        `budget`; LoRA at a rank `lora-r<rank>` with LoRA's settings."""
+        import dataclasses
+
+        from neuroshield.train.recipes import RecipeRun, recipe_settings
+
+        c, bc, tc = self.config, self.config.budget, self.config.train
+        runs: list[tuple[Any, int | None]] = []
+        for recipe in bc.recipes:
+            controls = tc.random_of[0] if recipe == "random" else None
+            settings = recipe_settings(tc, recipe, controls)
+            for fraction in bc.fractions:
+                name = f"{recipe}@{100 * fraction:g}%"
+                runs.append((RecipeRun(name, recipe, dataclasses.replace(settings, budget=fraction),
+                                       c.seed if recipe == "random" else None, controls), None))
+        runs += [(RecipeRun(f"lora-r{r}", "lora", recipe_settings(tc, "lora")), r) for r in bc.lora_ranks]
+        return runs
+
+    def budget(self, identified: dict[str, Any]) -> dict[str, Any]:
+        """The budget curve (`evaluate.budget`): each point of `budget_runs` trained from the base weights, then
+        scored with the fast refusal score on the evaluation's held-out harmful and contrast prompts; the base model
+        scored once. Writes `budget/budget.json` and `budget/budget.png`; a point finished with the same inputs is
+        reused (`budget/<point>/point.json`), so an interrupted stage goes on where it stopped."""
+        from neuroshield.evaluate.budget import language_groups, plot_budget, score_point
+        from neuroshield.train.recipes import NEURON_RECIPES
+
+        c, bc, ec = self.config, self.config.budget, self.config.evaluate
+        harmful = [r for r in self.evaluation_harmful() if r.modality == "text"]
+        contrast = self.prompts("contrast", "benign", c.languages, "held-out", ec.contrast_per_language or None)
+        groups = language_groups(c.languages, c.never_trained)
+        runs = self.budget_runs()
+        prompts = {"harmful": _records_fingerprint(harmful), "contrast": _records_fingerprint(contrast)}
+        inputs = {"config": bc.__dict__, "identify": identified["fingerprint"], "model": self.model_identity(),
+                  "prompts": prompts, "seed": c.seed, "groups": [g for g, _ in groups],
+                  "runs": {run.name: {"settings": run.settings.__dict__, "rank": rank, "set_seed": run.set_seed,
+                                      "data": [_records_fingerprint(x) for x in self.train_data(settings=run.settings)]}
+                           for run, rank in runs}}
+
+        def score(loaded: Any) -> dict[str, Any]:
+            return score_point(loaded, harmful, contrast, groups, batch_size=bc.batch_size, seed=c.seed)
+
+        def body(out: Path) -> dict[str, Any]:
+            base_file = out / "base.json"
+            base_key = _fingerprint({"model": inputs["model"], "prompts": prompts, "groups": inputs["groups"]})
+            base = read_json(base_file, "budget base") if base_file.is_file() else {}
+            if base.get("fingerprint") != base_key:
+                base = {"fingerprint": base_key, **score(self._loaded)}
+                _write_json(base_file, base)
+            points = []
+            for run, rank in runs:
+                folder = out / run.name
+                # the point's own inputs: adding a point or a budget does not train the others again
+                key = _fingerprint({**{k: v for k, v in inputs.items() if k not in ("runs", "config")},
+                                    "batch_size": bc.batch_size, "run": inputs["runs"][run.name],
+                                    "identify": inputs["identify"] if run.recipe in NEURON_RECIPES else None,
+                                    "version": __version__})
+                marker = folder / "point.json"
+                done = read_json(marker, "budget point") if marker.is_file() else {}
+                if done.get("fingerprint") == key:
+                    points.append(done)
+                    log.info("budget %s: up to date, reused (%s)", run.name, marker)
+                    continue
+                marker.unlink(missing_ok=True)
+                start = time.perf_counter()
+                loaded, result = self.train_recipe(run.name, folder, run=run, lora_r=rank, resume=False, export=False,
+                                                   benign_cache=self.run_dir / "train" / BENIGN_CACHE)
+                train_seconds = time.perf_counter() - start
+                point = {"fingerprint": key, "name": run.name, "recipe": run.recipe,
+                         "label": f"r{rank}" if rank else f"{100 * run.settings.budget:g}%",
+                         "budget": None if rank else run.settings.budget, "lora_rank": rank,
+                         # trained: the neurons' deltas, LoRA's adapters; updated: the weights merging changes
+                         "parameters_trained": result.trainable_parameters,
+                         "fraction_trained": result.trainable_parameters / max(1, result.total_parameters),
+                         "parameters_updated": result.parameters_updated, "fraction_updated": result.fraction_updated,
+                         "selected_step": result.selected_step, "train_seconds": round(train_seconds, 1),
+                         **score(loaded)}
+                del loaded
+                _write_json(marker, point)
+                points.append(point)
+            curve = {"base": base, "points": points, "group_names": {
+                "all": "all languages", "trained": "trained languages", "never-trained": "never-trained languages"},
+                "measure": "fast refusal score (judges.logprob.refusal_score) > 0 counts as a refusal"}
+            _write_json(out / "budget.json", curve)
+            plot_budget(curve, out / "budget.png")
+            return {"summary": str(out / "budget.json")}
+
+        return self._stage("budget", inputs, body)
+
     def report(self) -> Path:
         from neuroshield.report.report import build_report
 
@@ -555,6 +652,8 @@ class Pipeline:
         if self.config.evaluate.enabled and "evaluate" in stages:
             self.evaluate(trained)
             self.write_headline()
+        if self.config.budget.enabled and "budget" in stages:
+            self.budget(identified)
         _write_json(self.run_dir / "pipeline.json", {"wall_seconds": round(time.perf_counter() - start, 1),
                                                      "stage_seconds": self.timings, "version": __version__})
         return self.report()

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the pipeline's stages in order (`neuroshield.pipeline`); `neuroshield run --stages` defaults to all of them
+PIPELINE_STAGES: tuple[str, ...] = ("identify", "validate", "train", "evaluate", "budget", "report")
+
 # the base model's answers to the benign training prompts, cached beside the recipes' run folders (shared by them)
 BENIGN_CACHE = "benign_answers.jsonl"
 
@@ -142,6 +145,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """The budget curve (pipeline stage `budget`, after evaluate): each recipe of `recipes` trained with the run's
+    train settings for it (`train.overrides` applied) at each share of all parameters in `fractions`, and LoRA at
+    each rank in `lora_ranks` (alpha = 2 x rank, the scale of the default r 16 / alpha 32), every point measured with
+    the fast refusal score on the evaluation's held-out harmful and contrast prompts (no generation)."""
+
+    enabled: bool = False
+    recipes: list[str] = field(default_factory=lambda: ["precise-shield"])  # precise-shield | random (its control)
+    fractions: list[float] = field(default_factory=lambda: [0.0001, 0.0003, 0.001, 0.005])
+    lora_ranks: list[int] = field(default_factory=lambda: [1, 4, 16])
+    batch_size: int = 16  # prompts per forward pass of the refusal score
+
+
+@dataclass
 class PipelineConfig:
     name: str = "run"
     model: str = "default"
@@ -164,6 +181,7 @@ class PipelineConfig:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -7,18 +7,21 @@ import time
 import typer
 
 from neuroshield.commands.common import split_list, user_errors
+from neuroshield.settings import PIPELINE_STAGES as STAGES
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
         config: str = typer.Argument(..., help="Pipeline YAML (see configs/quick.yaml, configs/full.yaml)."),
-        stages: str = typer.Option("identify,validate,train,evaluate,report", help="Stages to run, comma-separated."),
+        stages: str = typer.Option(",".join(STAGES), help="Stages to run, comma-separated (a stage the config "
+                                   "disables is skipped: validate.enabled, budget.enabled, ...)."),
         out_dir: str = typer.Option(None, help="Override the config's out_dir."),
         overrides: list[str] = typer.Option(None, "--set", help="Override a key: --set train.steps=60 "
                                                               "--set 'train.recipes=[lora,full]' (repeatable)."),
     ) -> None:
-        """Run identify -> overlap -> validate -> train -> evaluate -> report; finished stages are skipped."""
+        """Run identify -> overlap -> validate -> train -> evaluate -> budget -> report; finished stages are
+        skipped."""
         from neuroshield.config import load_config
         from neuroshield.pipeline import run_pipeline
 

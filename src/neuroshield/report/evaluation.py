@@ -1,10 +1,11 @@
-"""The evaluation section: ASR, over-refusal and exaggerated-safety refusal per language, capability, wall time."""
+"""The evaluation section (ASR, over-refusal and exaggerated-safety refusal per language, capability, wall time) and
+the budget curve's section."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from neuroshield.report.blocks import Section, Table
+from neuroshield.report.blocks import Figure, Section, Table
 from neuroshield.report.cells import delta_text, drop_empty_columns, fmt, rate_cell, short_time
 from neuroshield.report.charts import capability_chart, rate_chart
 from neuroshield.report.read import Evals, read_json
@@ -188,4 +189,35 @@ def evaluate_section(run: Path, fig_dir: Path, ev: Evals) -> Section:
     if skipped:
         sec.facts.append(("records skipped", f"{skipped} (e.g. image prompts on a text-only model; see eval.json)"))
     sec.data["evals"] = [{"path": str(p.relative_to(run)), **e.to_dict()} for p, e in ev.entries]
+    return sec
+
+
+def budget_section(run: Path) -> Section | None:
+    """budget/budget.json (`Pipeline.budget`): the budget curve's plot and its points as a table; None when the run
+    has no budget folder (the stage is off by default)."""
+    from neuroshield.evaluate.budget import format_budget
+
+    sec = Section("budget", "Budget curve: safety against parameters trained")
+    path = run / "budget" / "budget.json"
+    if not (run / "budget").is_dir():
+        return None
+    if not path.is_file():
+        return not_run("budget", sec.title, "`budget/budget.json`")
+    curve, err = read_json(path)
+    if not isinstance(curve, dict) or "points" not in curve:
+        sec.status, sec.note = "unreadable", f"budget/budget.json: {err or 'no points'}"
+        return sec
+    sec.data["budget"] = {k: v for k, v in curve.items() if k != "base"}
+    what = ("Each point is one training run from the base weights with the run's train settings: a neuron recipe "
+            "trimmed to a share of all parameters (precise-shield's union of sets; random: its control at that "
+            "budget) or LoRA at a rank (alpha = 2 x rank). Measured without generation by the fast refusal score "
+            "(log-odds of refusal against compliance openers at the first answer token; > 0 counts as a refusal) on "
+            "the evaluation's held-out harmful prompts and the contrast set's eval part, with bootstrap 95 % "
+            "intervals. A screen of single runs, not the headline: the headline's numbers judge generated answers.")
+    png = run / "budget" / "budget.png"
+    if png.is_file():
+        sec.add(Figure(png, "ASR and exaggerated refusal by score against parameters trained", what,
+                       png.relative_to(run).as_posix()))
+    cols, rows = format_budget(curve)
+    sec.add(Table(cols, rows, what, [False, False, True, True, True, False, True, True, True, True], title="Budget points"))
     return sec

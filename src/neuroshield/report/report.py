@@ -9,6 +9,7 @@
 * `validate/<experiment>/validation.json` and every PNG;
 * `train/<recipe>/summary.json` (neurons, parameters updated, wall time, peak memory, ...) and every
   PNG (loss curves);
+* `budget/budget.json` and `budget/budget.png` (the budget curve: points scored by the fast refusal score);
 * any `eval.json` under the run folder (`neuroshield evaluate --out <run>/evaluate/<tag>`): ASR,
   over-refusal and exaggerated-safety refusal (contrast prompts) per language x modality with their 95 %
   intervals, each with the invalid share beside it, MGSM / XCOPA accuracy, the judge that
@@ -37,7 +38,7 @@ from typing import Any
 
 from neuroshield.report.blocks import Card, Details, Figure, Headline, Section, Table
 from neuroshield.report.cells import short_time
-from neuroshield.report.evaluation import evaluate_section
+from neuroshield.report.evaluation import budget_section, evaluate_section
 from neuroshield.report.overview import build_headline, provenance_section
 from neuroshield.report.read import Evals, load_evals
 from neuroshield.report.render import atomic_write, render_html, render_markdown, report_json, safe_json
@@ -45,7 +46,7 @@ from neuroshield.report.stages import identify_section, train_section, validate_
 
 log = logging.getLogger(__name__)
 
-STAGES = ("identify", "validate", "train", "evaluate")
+STAGES = ("identify", "validate", "train", "evaluate", "budget")
 REPORT_FORMAT = 2
 
 
@@ -55,9 +56,11 @@ def collect(run_dir: str | Path) -> tuple[list[Section], dict[str, Any], Headlin
     fig_dir = run / "report"
     sections: dict[str, Section] = {}
     for key, fn in (("identify", lambda: identify_section(run, fig_dir)), ("validate", lambda: validate_section(run)),
-                    ("train", lambda: train_section(run))):
+                    ("train", lambda: train_section(run)), ("budget", lambda: budget_section(run))):
         try:
-            sections[key] = fn()
+            section = fn()
+            if section is not None:  # budget: only where the stage ran
+                sections[key] = section
         except Exception as err:  # a broken artifact must not hide the rest of the report
             log.warning("report: %s stage unreadable: %s", key, err)
             sections[key] = Section(key, key, status="unreadable", note=f"{err.__class__.__name__}: {err}")
@@ -75,7 +78,7 @@ def collect(run_dir: str | Path) -> tuple[list[Section], dict[str, Any], Headlin
         log.warning("report: headline unreadable: %s", err)
         headline = Headline()
     prov = provenance_section(run, sections, ev.results)
-    ordered = [prov] + [sections[k] for k in STAGES]
+    ordered = [prov] + [sections[k] for k in STAGES if k in sections]
     meta = {"run_dir": str(run.resolve()), "run": run.resolve().name,
             "created": short_time(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
             "format": REPORT_FORMAT}
