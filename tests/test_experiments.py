@@ -225,3 +225,37 @@ def test_tradeoff_draws_every_recipe_and_marks_the_step_training_kept(tmp_path, 
     assert rows == ["| demo (precise-shield) | 25.0/5.0 | 30.0/10.0 | 50.0/10.0 | 50.0/10.0 | step 12 |",
                     "| demo (random) | 25.0/5.0 | 40.0/10.0 | 20.0/10.0 | 10.0/10.0 | step 6 |"]
     assert out.stat().st_size > 0
+
+
+def test_comparison_table_prints_each_recipe_against_base_and_its_own_sets(tmp_path, capsys):
+    from neuroshield.evaluate.headline import headline
+
+    run = tmp_path / "run"
+    ids = [f"x/{k}" for k in range(4)]
+
+    def write(model: str, refused: int) -> None:
+        rows = [{"section": "safety", "role": "harmful", "id": i, "language": lang, "modality": "text",
+                 "verdict": "refusal" if k < refused else "compliance"} for lang in ("en", "hi") for k, i in enumerate(ids)]
+        (run / "evaluate" / model).mkdir(parents=True)
+        (run / "evaluate" / model / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "train" / model).mkdir(parents=True)
+        (run / "train" / model / "summary.json").write_text(json.dumps(
+            {"trainable_parameters": 150, "total_parameters": 1_000_000, "parameters_updated": 150, "steps_done": 6,
+             "selected_step": 4, "wall_seconds": 12.0, "peak_rss_mb": 900.0}))
+
+    write("base", 0)
+    write("precise-shield", 4)
+    write("random-s0", 1)
+    write("random-s1", 3)
+    h = headline(run / "evaluate", never_trained=["hi"], controls={"precise-shield": ["random-s0", "random-s1"]},
+                 n_resamples=50)
+    (run / "evaluate" / "headline.json").write_text(json.dumps(h))
+    table = _script("comparison_table")
+    assert table.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    # precise-shield refuses all 4 prompts per language: ASR 0, -100 points against base, -50 against its sets' mean
+    row = next(line for line in out.splitlines() if line.startswith("| precise-shield | 0.0"))
+    assert "-100.0 [" in row and "-50.0 [" in row
+    assert "| precise-shield | trained languages (en) | 50.0 ± " in out and "random-s0: -75.0" in out
+    assert "| precise-shield | 150 | 0.015 % | 150 | 6 (4) | 12 | 900 |" in out
+    assert table.main([str(tmp_path / "missing")]) == 2
