@@ -302,8 +302,8 @@ def _check_budget(config: PipelineConfig, where: str) -> None:
                           "for 0.03 %")
     if any(r < 1 for r in bc.lora_ranks):
         raise ConfigError(f"{where}: budget.lora_ranks {bc.lora_ranks}: give ranks >= 1")
-    if bc.batch_size < 1:
-        raise ConfigError(f"{where}: budget.batch_size must be >= 1")
+    if bc.batch_size < 1 or bc.select_every < 0:
+        raise ConfigError(f"{where}: budget.batch_size must be >= 1 and budget.select_every >= 0")
     if bc.enabled and not ((bc.recipes and bc.fractions) or bc.lora_ranks):
         raise ConfigError(f"{where}: budget is enabled but has no point: give budget.recipes and budget.fractions, "
                           "or budget.lora_ranks")

@@ -513,7 +513,7 @@ class Pipeline:
     def budget_runs(self) -> list[tuple[Any, int | None]]:
         """The budget curve's points: (RecipeRun, LoRA rank or None). A neuron recipe at a budget is named
         `<recipe>@<percent>%` and trains with the run's settings for it (`train.recipes.recipe_settings`) at that
-        `budget`; LoRA at a rank `lora-r<rank>` with LoRA's settings."""
+        `budget`; LoRA at a rank `lora-r<rank>` with LoRA's settings; every point with `budget.select_every`."""
         import dataclasses
 
         from neuroshield.train.recipes import RecipeRun, recipe_settings
@@ -522,12 +522,13 @@ class Pipeline:
         runs: list[tuple[Any, int | None]] = []
         for recipe in bc.recipes:
             controls = tc.random_of[0] if recipe == "random" else None
-            settings = recipe_settings(tc, recipe, controls)
+            settings = dataclasses.replace(recipe_settings(tc, recipe, controls), select_every=bc.select_every)
             for fraction in bc.fractions:
                 name = f"{recipe}@{100 * fraction:g}%"
                 runs.append((RecipeRun(name, recipe, dataclasses.replace(settings, budget=fraction),
                                        c.seed if recipe == "random" else None, controls), None))
-        runs += [(RecipeRun(f"lora-r{r}", "lora", recipe_settings(tc, "lora")), r) for r in bc.lora_ranks]
+        lora = dataclasses.replace(recipe_settings(tc, "lora"), select_every=bc.select_every)
+        runs += [(RecipeRun(f"lora-r{r}", "lora", lora), r) for r in bc.lora_ranks]
         return runs
 
     def budget(self, identified: dict[str, Any]) -> dict[str, Any]:

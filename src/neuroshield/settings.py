@@ -155,6 +155,9 @@ class BudgetConfig:
     recipes: list[str] = field(default_factory=lambda: ["precise-shield"])  # precise-shield | random (its control)
     fractions: list[float] = field(default_factory=lambda: [0.0001, 0.0003, 0.001, 0.005])
     lora_ranks: list[int] = field(default_factory=lambda: [1, 4, 16])
+    # step selection for each point (train.select_every); 0: every point keeps its last step (on 2 CPU cores the
+    # selection's generated monitor answers cost more than the training itself)
+    select_every: int = 0
     batch_size: int = 16  # prompts per forward pass of the refusal score
 
 
