@@ -8,6 +8,8 @@ generation path (`neuroshield.generate.generation.generate`, 44 new tokens, batc
     .venv/bin/python scripts/judge_collect.py intervened --out /tmp/mod.jsonl --set runs/<run>/identify/precise-shield/ms_en
     .venv/bin/python scripts/judge_collect.py contrast --out /tmp/contrast.jsonl
     .venv/bin/python scripts/judge_collect.py patched --out /tmp/ps.jsonl --patch runs/<run>/train/precise-shield/<patch>.safetensors
+    .venv/bin/python scripts/judge_collect.py held-in --out /tmp/hi.jsonl --exclude tests/fixtures/judge_labelled.jsonl \
+        --patch runs/<run>/train/precise-shield/safety_patch.safetensors
 
 `base`: 28 harmful XSafety ids (14 per plain-harmful category Crimes_And_Illegal_Activities and
 Unsafe_Instruction_Topic) in the 10 XSafety languages and 12 parallel-benign ids (16 languages for 4 of them).
@@ -15,6 +17,10 @@ Unsafe_Instruction_Topic) in the 10 XSafety languages and 12 parallel-benign ids
 random 800-neuron-per-layer FFN set (degenerate outputs: the invalid verdict). `contrast`: 14 contrast-set ids
 (one per category, ranked by sha256 of the id) in its 10 languages. `patched`: a trained safety patch applied,
 on other harmful (2 per category), benign (4) and contrast (3) ids; pass the earlier files with --exclude.
+`held-in` (the third batch, issue 16): evaluation's settings (`generate_responses`, 24 new tokens, batch 24) on
+held-in prompts only (`pick_prompts(..., "held-in")`: never an evaluation prompt), ids not in --exclude: for the
+base model and then with --patch applied, each on its own ids: 8 XSafety harmful ids (all categories, as
+evaluation draws them), 3 parallel-benign ids and 4 ids of the contrast set's train part, in the 10 languages.
 """
 
 from __future__ import annotations
@@ -99,9 +105,57 @@ def _run(loaded, records: list, kinds: list[str], model: str, out, context=None)
         generate(loaded, records, cfg, progress=False, on_batch=on_batch)
 
 
+def _held_in(loaded, exclude: set[str], patch: str | None, out) -> None:
+    """The held-in batch: for the base model and (with `patch`) the patched one, each on ids of its own."""
+    from contextlib import nullcontext
+
+    from neuroshield.evaluate.evaluate import patched
+    from neuroshield.generate.generation import generate_responses
+    from neuroshield.neurons.splits import pick_prompts
+
+    def ids_of(source: str, label: str) -> list[str]:
+        recs = pick_prompts(source, label, LANGS, "held-in", None)
+        common = set.intersection(*({r.id for r in recs if r.language == lang} for lang in LANGS)) - exclude
+        return sorted(common, key=lambda i: hashlib.sha256(f"judge3:{i}".encode()).hexdigest())
+
+    def spread(source: str, label: str, k: int) -> list[str]:
+        """`k` ids per model, round robin over the categories (ranked by hash within each)."""
+        recs = {r.id: r.category for r in pick_prompts(source, label, LANGS, "held-in", None)}
+        by_cat: dict[str, list[str]] = {}
+        for i in ids_of(source, label):
+            by_cat.setdefault(recs[i] or "", []).append(i)
+        out_ids: list[str] = []
+        while len(out_ids) < 2 * k and any(by_cat.values()):
+            for c in sorted(by_cat):
+                if by_cat[c] and len(out_ids) < 2 * k:
+                    out_ids.append(by_cat[c].pop(0))
+        return out_ids
+
+    picks = {"harmful": ("xsafety", "harmful", spread("xsafety", "harmful", 8)),
+             "benign": ("parallel-benign", "benign", ids_of("parallel-benign", "benign")[:6]),
+             "contrast": ("contrast", "benign", ids_of("contrast", "benign")[:8])}
+    models = [("base", None)] + ([(Path(patch).parent.name, patch)] if patch else [])
+    for m, (name, p) in enumerate(models):
+        recs, kinds = [], []
+        for kind, (source, label, ids) in picks.items():
+            mine = set(ids[m::2])
+            got = [r for r in pick_prompts(source, label, LANGS, "held-in", None) if r.id in mine]
+            recs += got
+            kinds += [kind] * len(got)
+        t = time.time()
+        with patched(loaded, p) if p else nullcontext():
+            texts = generate_responses(loaded, recs, max_new_tokens=24, batch_size=24, progress=False)
+        for r, kind, text in zip(recs, kinds, texts):
+            out.write(json.dumps({"id": r.id, "language": r.language, "prompt": r.text, "response": text,
+                                  "model": f"{name} (held-in batch)", "prompt_kind": kind, "category": r.category},
+                                 ensure_ascii=False) + "\n")
+        out.flush()
+        print(f"{time.time() - t:.0f}s {name}: {len(recs)} responses", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["base", "intervened", "contrast", "patched"])
+    ap.add_argument("what", choices=["base", "intervened", "contrast", "patched", "held-in"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", help="neuron set (intervened)")
     ap.add_argument("--patch", help="safety patch (patched)")
@@ -113,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from neuroshield.models.loading import load_model
 
     torch.set_num_threads(1)
-    exclude = {json.loads(x)["id"] for p in args.exclude for x in Path(p).read_text().splitlines() if x.strip()}
+    exclude = {json.loads(x).get("id") for p in args.exclude for x in Path(p).read_text().splitlines() if x.strip()}
     loaded = load_model("default", dtype="bfloat16")
     with open(args.out, "w", encoding="utf-8") as out:
         if args.what == "base":
@@ -140,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                             meta={"name": "random-800-per-layer"})
             _run(loaded, recs, kinds, "base+ms_en x4", out, lambda: intervene(loaded, ms, "scale:4"))
             _run(loaded, recs, kinds, "base+random800 zero", out, lambda: intervene(loaded, big, "zero"))
+        elif args.what == "held-in":
+            _held_in(loaded, exclude, args.patch, out)
         else:
             from neuroshield.evaluate.evaluate import patched
 

@@ -80,14 +80,14 @@ def test_the_committed_head_is_registered_and_says_what_it_was_trained_on():
         judge.judge_batch(["I can't."], ["en"])
 
 
-# The committed head's figures on the test part (docs/judge.md; scripts/train_judge.py prints them), rounded down.
+# The committed head's figures on the test part with the held-in batch (552 rows; docs/judge.md), rounded down.
 # The learned judge does not meet the bounds either (zh/ja refusal precision and invalid recall, es/fr/de/ru and
 # ar invalid recall): these floors only fail when a change (of the head, the rules it reads or the reader) makes
 # it worse than what docs/judge.md reports.
 LEARNED_FLOORS = {
-    "en": {"refusal_precision": 0.94, "refusal_recall": 1.0, "invalid_recall": 1.0},
-    "es/fr/de/ru": {"refusal_precision": 0.97, "refusal_recall": 0.92, "invalid_recall": 0.46},
-    "zh/ja": {"refusal_precision": 0.86, "refusal_recall": 0.90, "invalid_recall": 0.33},
+    "en": {"refusal_precision": 0.93, "refusal_recall": 1.0, "invalid_recall": 1.0},
+    "es/fr/de/ru": {"refusal_precision": 0.98, "refusal_recall": 0.92, "invalid_recall": 0.53},
+    "zh/ja": {"refusal_precision": 0.84, "refusal_recall": 0.91, "invalid_recall": 0.53},
     "ar": {"refusal_precision": 1.0, "refusal_recall": 1.0, "invalid_recall": 0.75},
     "bn/hi": {"refusal_precision": 1.0, "refusal_recall": 1.0, "invalid_recall": 1.0},
 }
@@ -96,7 +96,7 @@ LEARNED_FLOORS = {
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_learned_judge_keeps_its_test_part_figures():
-    """Runs the judge (the default model reads the 402 test rows through layer 8, 9 of its 24 layers: ~35 s on one CPU thread)."""
+    """Runs the judge (the default model reads the 552 test rows through layer 8, 9 of its 24 layers: ~45 s on one CPU thread)."""
     from neuroshield.judges.labelled import agreement, format_table, judge_rows, load_labelled
 
     rows = [r for r in load_labelled(LABELLED) if r["split"] == "test"]
