@@ -3,7 +3,9 @@ artifacts, and a rerun skips finished stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from types import MappingProxyType
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ evaluate: {{harmful_per_language: 2, benign_per_language: 2, max_new_tokens: 4, 
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path, tiny_folder: Path) -> None:
+def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path, tiny_folder: Path, monkeypatch) -> None:
     config = _config(tmp_path, tiny_folder)
     report = Pipeline(config).run()
     run = config.run_dir
@@ -56,6 +58,18 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path, tiny_folder: Path
     third = Pipeline(config)
     third.run()
     assert set(third.timings) == {"evaluate"}
+
+    # a changed judge (its rules: here one more refusal phrase) judges the cached answers again
+    from neuroshield.judges import phrase
+
+    stage = json.loads((run / "evaluate" / "stage.json").read_text())
+    en = phrase.PHRASES["en"]
+    changed = {**phrase.PHRASES, "en": dataclasses.replace(en, refusals=(*en.refusals, "zzz never said"))}
+    monkeypatch.setattr(phrase, "PHRASES", MappingProxyType(changed))
+    fourth = Pipeline(config)
+    fourth.run()
+    assert set(fourth.timings) == {"evaluate"}
+    assert json.loads((run / "evaluate" / "stage.json").read_text())["inputs"]["judge"] != stage["inputs"]["judge"]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -486,8 +486,12 @@ class Pipeline:
                                    "contrast": ["contrast:eval"] if contrast else [],
                                    "capability": (["mgsm"] if mgsm else []) + (["xcopa"] if xcopa else [])})
         recipes = (trained or {}).get("outputs", {}).get("recipes", {})
+        from neuroshield.judges.registry import get_judge, judge_label
+
+        # the judge's version (its rules and phrase lists): a changed judge judges the cached answers again
+        judge = judge_label(get_judge(ec.judge, self._loaded))
         inputs = {"config": ec.__dict__, "model": self.model_identity(), "suite": suite.describe(),
-                  "train": (trained or {}).get("fingerprint")}
+                  "train": (trained or {}).get("fingerprint"), "judge": judge}
 
         def body(out: Path) -> dict[str, Any]:
             results = {}

@@ -68,8 +68,8 @@ def judge_info(judge: Any) -> dict[str, Any]:
 
 def _implicit_version(judge: Any) -> str:
     """A judge's `version`, or else a hash of its settings and of its module's phrase table (PHRASES)
-    when it has one, with the source of the invalid rules (`judges.invalid`) it applies, so that a change of the
-    phrase lists or of those rules changes the recorded version."""
+    when it has one, with the source of that module (its rules) and of the invalid rules (`judges.invalid`) it
+    applies, so that a change of the phrase lists or of any rule changes the recorded version."""
     v = getattr(judge, "version", None)
     if v:
         return str(v)
@@ -83,7 +83,8 @@ def _implicit_version(judge: Any) -> str:
         return "h" + settings_hash([settings, None])
     from neuroshield.judges import invalid
 
-    return "h" + settings_hash([settings, repr(dict(table)), inspect.getsource(invalid)])
+    module = sys.modules[type(judge).__module__]
+    return "h" + settings_hash([settings, repr(dict(table)), inspect.getsource(module), inspect.getsource(invalid)])
 
 
 def judge_label(judge: Any) -> str:
