@@ -13,11 +13,14 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 ALLOCATOR_ENV = "NEUROSHIELD_MALLOC_THRESHOLD"
-"""Environment variable: the fixed glibc mmap / trim threshold in bytes that `return_freed_memory` sets; `0` leaves
-glibc's allocator as it is."""
+"""Environment variable: the fixed glibc mmap / trim threshold in bytes that `return_freed_memory` sets (e.g.
+1048576: blocks of 1 MiB or more, activations, KV caches, logits, get their own mapping, unmapped when freed); unset
+or `0` leaves glibc's allocator as it is."""
 
-DEFAULT_ALLOCATOR_THRESHOLD = 1 << 20
-"""1 MiB: blocks of this size or more (activations, KV caches, logits) get their own mapping, unmapped when freed."""
+DEFAULT_ALLOCATOR_THRESHOLD = 0
+"""Off by default: a fixed 1 MiB threshold lowered SmolLM2's peaks by 9-26 % but made the statistics pass 1.5x and
+generation 1.4x slower (every large block is a fresh mapping, faulted in page by page; benchmarks/RESULTS.md,
+section 8)."""
 
 
 def peak_rss_mb() -> float:
@@ -49,7 +52,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def allocator_threshold() -> int:
-    """The threshold `return_freed_memory` sets: `NEUROSHIELD_MALLOC_THRESHOLD` (bytes; 0 = none) or 1 MiB."""
+    """The threshold `return_freed_memory` sets: `NEUROSHIELD_MALLOC_THRESHOLD` (bytes; unset or 0 = none)."""
     raw = os.environ.get(ALLOCATOR_ENV, "").strip()
     if not raw:
         return DEFAULT_ALLOCATOR_THRESHOLD
@@ -70,9 +73,10 @@ def return_freed_memory(threshold: int | None = None) -> bool:
     threshold"), and from then on a forward pass's activations, a training step's and a generation step's tensors
     come from the heap, whose freed memory the process keeps (measured on SmolLM2, bfloat16: the training loop's
     resident memory rose 1,055 MB for 720 MB of tensors and stayed ~970 MB up after it; generation 550 MB for
-    187 MB). A fixed mmap threshold (and the trim threshold with it) turns that adjustment off. Called by
-    `load_model`; `threshold` None: `allocator_threshold()`; 0 changes nothing. Returns whether a setting was made:
-    False where the C library is not glibc (macOS, Windows, musl) or the threshold is 0.
+    298 MB). A fixed mmap threshold (and the trim threshold with it) turns that adjustment off, at a cost in time:
+    each large block is then a fresh mapping (see `DEFAULT_ALLOCATOR_THRESHOLD`). Called by `load_model`;
+    `threshold` None: `allocator_threshold()`; 0 changes nothing. Returns whether a setting was made: False where
+    the C library is not glibc (macOS, Windows, musl) or the threshold is 0.
     """
     value = allocator_threshold() if threshold is None else threshold
     if value <= 0:

@@ -103,8 +103,8 @@ def load_model(
     `HF_HUB_OFFLINE=0` is set). `device_map` is passed to accelerate (e.g. "auto" for several GPUs).
     `dtype`: `auto` (None) picks bfloat16 where the hardware multiplies it natively, float32 elsewhere
     (`auto_dtype`); `stored` keeps the checkpoint's own dtype (GGUF caches: float32); or float32, bfloat16, float16.
-    On glibc, the allocator returns freed blocks of 1 MiB or more to the system from here on
-    (`memory.return_freed_memory`; `NEUROSHIELD_MALLOC_THRESHOLD=0` leaves it as it is).
+    With `NEUROSHIELD_MALLOC_THRESHOLD=<bytes>` set, glibc's allocator returns freed blocks of that size or more to
+    the system from here on (`memory.return_freed_memory`: less memory, slower generation and statistics).
     """
     return_freed_memory()
     start = time.perf_counter()
