@@ -18,8 +18,8 @@ ALLOCATOR_ENV = "NEUROSHIELD_MALLOC_THRESHOLD"
 or `0` leaves glibc's allocator as it is."""
 
 DEFAULT_ALLOCATOR_THRESHOLD = 0
-"""Off by default: a fixed 1 MiB threshold lowered SmolLM2's peaks by 9-26 % but made the statistics pass 1.5x and
-generation 1.4x slower (every large block is a fresh mapping, faulted in page by page; benchmarks/RESULTS.md,
+"""Off by default: a fixed 1 MiB threshold lowered SmolLM2's peaks by 9-33 % but made the statistics pass 1.5x and
+generation 1.2-1.4x slower (every large block is a fresh mapping, faulted in page by page; benchmarks/RESULTS.md,
 section 8)."""
 
 
