@@ -1,5 +1,5 @@
-"""Resident memory of this process (MiB): the peak so far and the current size, for run summaries; and the one
-allocator setting the model stages make (`return_freed_memory`)."""
+"""Resident memory of this process (MiB): the peak so far and the current size, for run summaries; and the glibc
+allocator setting `load_model` makes when `NEUROSHIELD_MALLOC_THRESHOLD` asks for it (`return_freed_memory`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ALLOCATOR_ENV = "NEUROSHIELD_MALLOC_THRESHOLD"
 or `0` leaves glibc's allocator as it is."""
 
 DEFAULT_ALLOCATOR_THRESHOLD = 0
-"""Off by default: a fixed 1 MiB threshold lowered SmolLM2's peaks by 9-33 % but made the statistics pass 1.5x and
+"""Off by default: a fixed 1 MiB threshold lowered SmolLM2's peaks by 9-33 % but made the statistics pass 1.5-1.6x and
 generation 1.2-1.4x slower (every large block is a fresh mapping, faulted in page by page; benchmarks/RESULTS.md,
 section 8)."""
 
