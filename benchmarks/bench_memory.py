@@ -22,6 +22,10 @@ Sizes (defaults): training: precise-shield on a seeded random FFN neuron set at 
 tokens), 8 steps of batch 4, export with its checks; identify: 3 languages x 8 harmful (XSafety) + 8 benign
 (parallel benign) held-in prompts, plnd and precise-shield; evaluate: 4 held-out XSafety prompts in each of 10
 languages + 2 parallel-benign prompts per language, batch 24, 48 new tokens, refusal-phrase judge.
+
+`--malloc-thresholds 0,1048576` runs every stage once per glibc allocator setting (`NEUROSHIELD_MALLOC_THRESHOLD`
+in the worker's environment, set by `load_model` through `memory.return_freed_memory`; 0 = glibc's own dynamic
+threshold), alternating, `--repeats` times: memory and the main phase's seconds side by side in one run.
 """
 
 from __future__ import annotations
@@ -207,6 +211,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     profile_phase = MAIN_PHASE[args.stage] if args.activations else None
     ph = Phases(profile_phase)
     ph.mark("imports")
+    from neuroshield.memory import allocator_threshold
     from neuroshield.models import load_model
     from neuroshield.models.loading import dtype_name
 
@@ -216,6 +221,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"stage": args.stage, "model": loaded.model_id, "spec": args.model,
                            "dtype": dtype_name(loaded.model), "requested_dtype": args.dtype,
                            "rss_start_mb": _mb(st0["VmRSS"]), "rss_after_torch_mb": _mb(st_torch["VmRSS"]),
+                           "malloc_threshold": allocator_threshold(),
                            "weight_bytes": weight_bytes(loaded.model),
                            "parameters": sum(p.numel() for p in loaded.model.parameters())}
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
@@ -310,7 +316,8 @@ WORKER_FLAGS = ("threads", "steps", "batch_size", "train_harmful", "train_benign
                 "identify_per_language", "eval_harmful", "eval_benign", "eval_batch_size", "eval_new_tokens")
 
 
-def spawn(args: argparse.Namespace, model: str, dtype: str, stage: str, activations: bool) -> dict[str, Any]:
+def spawn(args: argparse.Namespace, model: str, dtype: str, stage: str, activations: bool,
+          malloc_threshold: int | None = None) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--dtype", dtype,
@@ -319,8 +326,13 @@ def spawn(args: argparse.Namespace, model: str, dtype: str, stage: str, activati
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if activations:
         cmd.append("--activations")
+    env = dict(os.environ)
+    if malloc_threshold is not None:
+        from neuroshield.memory import ALLOCATOR_ENV
+
+        env[ALLOCATOR_ENV] = str(malloc_threshold)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         os.unlink(path)
         raise RuntimeError(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
@@ -338,6 +350,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--no-activations", action="store_true", help="skip the profiled activation runs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--malloc-thresholds", default="",
+                    help="comma list of NEUROSHIELD_MALLOC_THRESHOLD values (bytes; 0 = glibc's dynamic threshold) "
+                         "to run every stage with, alternating; default: the environment's setting")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every (stage, malloc threshold), alternating")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--train-harmful", type=int, default=16)
@@ -405,23 +421,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info["cpu_bf16_flags"] = cpu_flags()
     info["auto_dtype"] = str(auto_dtype()).replace("torch.", "")
     load_before = C.loadavg()
+    thresholds: list[int | None] = [int(x) for x in args.malloc_thresholds.split(",") if x.strip()] or [None]
     runs: list[dict[str, Any]] = []
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for stage in args.stages.split(","):
-                mem = spawn(args, model, dtype, stage, activations=False)
-                row = {"model_spec": model, "dtype_requested": dtype, "stage": stage, "memory": mem,
-                       "loadavg": C.loadavg()}
-                if not args.no_activations:
+                activations = None
+                if not args.no_activations:  # tensor bytes: the allocator setting does not change them
                     act = spawn(args, model, dtype, stage, activations=True)
-                    row["activations"] = {k: act.get(k) for k in ("activations_mb", "profiled", "wall_s")}
-                summarise(row)
-                runs.append(row)
-                print(line(row), flush=True)
-                result = {"benchmark": "memory", "command": C.command_line(), "date": C.now_utc(), "machine": info,
-                          "loadavg_before": load_before, "loadavg_after": C.loadavg(), "runs": runs,
-                          "sizes": {k: getattr(args, k) for k in WORKER_FLAGS}}
-                C.write_json(args.out_name, result)  # after every row: an interrupted run keeps what it measured
+                    activations = {k: act.get(k) for k in ("activations_mb", "profiled", "wall_s")}
+                for _ in range(args.repeats):
+                    for threshold in thresholds:
+                        mem = spawn(args, model, dtype, stage, activations=False, malloc_threshold=threshold)
+                        row = {"model_spec": model, "dtype_requested": dtype, "stage": stage, "memory": mem,
+                               "loadavg": C.loadavg(), "activations": activations}
+                        summarise(row)
+                        runs.append(row)
+                        print(line(row), flush=True)
+                        result = {"benchmark": "memory", "command": C.command_line(), "date": C.now_utc(),
+                                  "machine": info, "loadavg_before": load_before, "loadavg_after": C.loadavg(),
+                                  "runs": runs, "sizes": {k: getattr(args, k) for k in WORKER_FLAGS}}
+                        C.write_json(args.out_name, result)  # after every row: an interrupted run keeps its rows
     if not args.no_md:
         C.update_results_md("memory", markdown(result))
     print(markdown(result))
@@ -441,12 +461,20 @@ def summarise(row: dict[str, Any]) -> None:
     row["ratio"] = round(m["peak_delta_mb"] / (w + s + a), 2) if a is not None else None
     top = max(m["phases"], key=lambda r: r["peak_mb"])
     row["peak_phase"] = top["phase"]
+    row["main_phase_s"] = round(sum(p["seconds"] for p in m["phases"] if p["phase"] == MAIN_PHASE[row["stage"]]), 1)
+
+
+def threshold_name(row: dict[str, Any]) -> str:
+    """The glibc allocator setting of a run: its fixed mmap threshold, or glibc's dynamic one (runs before it)."""
+    t = row["memory"].get("malloc_threshold")
+    return "dynamic" if not t else (f"{t // 2**20} MiB" if t % 2**20 == 0 else f"{t // 1024} KiB")
 
 
 def line(row: dict[str, Any]) -> str:
     return (f"{row['model_spec']} {row['memory']['dtype']} {row['stage']}: peak delta {row['peak_delta_mb']} MB "
             f"(in '{row['peak_phase']}'), weights {row['weights_mb']} MB, state {row['state_mb']} MB, activations "
-            f"{row['activations_mb']} MB, ratio {row['ratio']} (bound 1.5)")
+            f"{row['activations_mb']} MB, ratio {row['ratio']} (bound 1.5), malloc threshold {threshold_name(row)}, "
+            f"{MAIN_PHASE[row['stage']]} {row['main_phase_s']} s")
 
 
 def cpu_flags() -> list[str]:
@@ -459,9 +487,19 @@ def cpu_flags() -> list[str]:
     return []
 
 
-HEADER = ("| model | dtype | stage | peak - RSS after import torch MB | weights MB | state MB | activations MB | "
-          "ratio (target <= 1.5) | peak phase |")
-RULE = "|---|---|---|---:|---:|---:|---:|---:|---|"
+HEADER = ("| model | dtype | stage | malloc threshold | peak - RSS after import torch MB | weights MB | state MB | "
+          "activations MB | ratio (target <= 1.5) | peak phase | main phase s |")
+RULE = "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"
+
+
+def row_md(row: dict[str, Any]) -> str:
+    ratio = row["ratio"]
+    verdict = "" if ratio is None else (" ok" if ratio <= 1.5 else " **over**")
+    main = f"{MAIN_PHASE[row['stage']]} {row['main_phase_s']:.1f}" if "main_phase_s" in row else "n/a"
+    return (f"| {row['memory']['spec']} | {row['memory']['dtype']} | {row['stage']} | {threshold_name(row)} | "
+            f"{row['peak_delta_mb']:.0f} | {row['weights_mb']:.0f} | {row['state_mb']:.1f} | "
+            f"{C.fmt(row['activations_mb'] or float('nan'), 0)} | "
+            f"{C.fmt(ratio if ratio is not None else float('nan'))}{verdict} | {row['peak_phase']} | {main} |")
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -479,23 +517,12 @@ def markdown(r: dict[str, Any]) -> str:
         HEADER,
         RULE,
     ]
-    for row in r["runs"]:
-        ratio = row["ratio"]
-        verdict = "" if ratio is None else (" ok" if ratio <= 1.5 else " **over**")
-        lines.append(f"| {row['memory']['spec']} | {row['memory']['dtype']} | {row['stage']} | {row['peak_delta_mb']:.0f} | "
-                     f"{row['weights_mb']:.0f} | {row['state_mb']:.1f} | {C.fmt(row['activations_mb'] or float('nan'), 0)} | "
-                     f"{C.fmt(ratio if ratio is not None else float('nan'))}{verdict} | {row['peak_phase']} |")
+    lines += [row_md(row) for row in r["runs"]]
     if r.get("after_runs"):
         lines += ["", f"After the fixes ({r['after_label']}; commands: "
                   + "; ".join(f"`{c}`" for c in r["after_commands"]) + "; activations from the rows above):", "",
                   HEADER, RULE]
-        for row in r["after_runs"]:
-            ratio = row["ratio"]
-            verdict = "" if ratio is None else (" ok" if ratio <= 1.5 else " **over**")
-            lines.append(f"| {row['memory']['spec']} | {row['memory']['dtype']} | {row['stage']} | "
-                         f"{row['peak_delta_mb']:.0f} | {row['weights_mb']:.0f} | {row['state_mb']:.1f} | "
-                         f"{C.fmt(row['activations_mb'] or float('nan'), 0)} | "
-                         f"{C.fmt(ratio if ratio is not None else float('nan'))}{verdict} | {row['peak_phase']} |")
+        lines += [row_md(row) for row in r["after_runs"]]
     lines += ["", "Breakdown per phase: RSS at the phase's start -> its peak, both minus the RSS after `import torch`, "
                   "and the file-backed RSS (mapped files) at the phase's highest sample, MB:", ""]
     for row in r["runs"] + [dict(x, _after=True) for x in r.get("after_runs", [])]:
@@ -504,8 +531,8 @@ def markdown(r: dict[str, Any]) -> str:
         parts = "; ".join(f"{p['phase']} {p['rss_start_mb'] - base:.0f} -> **{p['peak_mb'] - base:.0f}** "
                           f"(file-backed {p.get('file_at_peak_mb', 0):.0f})"
                           for p in m["phases"])
-        lines.append(f"- {m['spec']} {m['dtype']} {row['stage']}{' (after the fixes)' if row.get('_after') else ''}: "
-                     f"{parts}")
+        lines.append(f"- {m['spec']} {m['dtype']} {row['stage']}, malloc threshold {threshold_name(row)}"
+                     f"{' (after the fixes)' if row.get('_after') else ''}: {parts}")
     return "\n".join(lines)
 
 

@@ -310,3 +310,22 @@ def test_score_errors_are_clear(llama64):
     other = tiny_model("llama", hidden=48)
     with pytest.raises(ValueError, match="config hash"):
         score(stats, other, "plnd", "en/text/harmful")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_norms_in_blocks_equal_the_whole_matrix(dtype):
+    """column_norms casts NORM_BLOCK_COLUMNS columns at a time: the same float64 values, bit for bit."""
+    from dataclasses import replace
+
+    from neuroshield.neurons import scores as scores_module
+
+    lm = tiny_model("llama", layers=1, hidden=48, intermediate=600)  # 600 columns: two full blocks and a part
+    site = resolve_sites(lm.model, lm.adapter, ("ffn",))[0]
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(site.module.weight.shape, generator=g) * 3).to(dtype)
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
+    linear.weight.data = weight
+    got = column_norms(replace(site, module=linear))
+    assert scores_module.NORM_BLOCK_COLUMNS < weight.shape[1]
+    assert got.dtype == torch.float64 and got.shape == (600,)
+    assert torch.equal(got, weight.to(torch.float64).norm(dim=0))

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from neuroshield.models.adapters import adapter_for_config
 from neuroshield.io import check_manifest, digest_entries, file_digest, write_json
+from neuroshield.memory import return_freed_memory
 from neuroshield.models.embedded import EMBEDDED_MODELS, EmbeddedModel, assemble_gguf
 from neuroshield.models.loaded import LoadedModel, ModelLoadError, config_hash, dtype_name  # noqa: F401 (re-exported)
 
@@ -102,7 +103,10 @@ def load_model(
     `HF_HUB_OFFLINE=0` is set). `device_map` is passed to accelerate (e.g. "auto" for several GPUs).
     `dtype`: `auto` (None) picks bfloat16 where the hardware multiplies it natively, float32 elsewhere
     (`auto_dtype`); `stored` keeps the checkpoint's own dtype (GGUF caches: float32); or float32, bfloat16, float16.
+    With `NEUROSHIELD_MALLOC_THRESHOLD=<bytes>` set, glibc's allocator returns freed blocks of that size or more to
+    the system from here on (`memory.return_freed_memory`: less memory, slower generation and statistics).
     """
+    return_freed_memory()
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, "cuda" if device_map and torch.cuda.is_available() else None)
     if spec in EMBEDDED_MODELS:
