@@ -47,24 +47,29 @@ def test_transfer_evaluation_ids_are_in_no_recipe_s_training_and_never_trained_l
     from neuroshield.train.recipes import recipe_runs
 
     runs = recipe_runs(c.train, c.seed)
-    assert [r.name for r in runs] == ["precise-shield", "ss-expansion", "random-s0", "random-s1", "random-s2", "lora",
-                                      "full"]
+    assert [r.name for r in runs] == ["precise-shield", "ss-expansion", "random-s0", "random-s1", "random-s2",
+                                      "random-ss-expansion-s0", "random-ss-expansion-s1", "random-ss-expansion-s2",
+                                      "lora", "full"]
+    # the budget curve's points train on the same data as the recipes they trim (and LoRA's)
+    budget = [run for run, _ in p.budget_runs()]
+    assert len(budget) == 4 * 2 + 3
+    runs = runs + budget
     evaluation = p.evaluation_harmful()
     assert len(evaluation) == 40 * len(c.languages)
     eval_ids = {r.id for r in evaluation}
     never = set(c.never_trained)
     seen_languages = set()
     for run in runs:
-        harmful, benign = p.train_data(run.name)
+        harmful, benign = p.train_data(settings=run.settings)
         monitor_h, monitor_c = p.monitor_prompts(harmful + benign, run.settings)
         used = harmful + benign + monitor_h + monitor_c
         assert not eval_ids & {r.id for r in used}, run.name
         assert not never & {r.language for r in used}, run.name
         seen_languages |= {r.language for r in harmful}
-        if run.name == "ss-expansion":  # parallel: the same 32 ids in each of the five languages
+        if run.settings.refusals == "parallel":  # ss-expansion and its sets: the same 32 ids in five languages
             ids = {lang: {r.id for r in harmful if r.language == lang} for lang in run.settings.languages}
             assert len(ids["en"]) == 32 and all(v == ids["en"] for v in ids.values())
     assert seen_languages == {"en", "zh", "ar", "ru", "es"}
     contrast_eval = {r.id for r in p.prompts("contrast", "benign", c.languages, "held-out", c.evaluate.contrast_per_language)}
     assert contrast_eval and not contrast_eval & {r.meta.get("pair", "") for run in runs
-                                                  for r in p.train_data(run.name)[1]}
+                                                  for r in p.train_data(settings=run.settings)[1]}
