@@ -52,7 +52,7 @@ def test_transfer_evaluation_ids_are_in_no_recipe_s_training_and_never_trained_l
                                       "lora", "full"]
     # the budget curve's points train on the same data as the recipes they trim (and LoRA's)
     budget = [run for run, _ in p.budget_runs()]
-    assert len(budget) == 4 * 2 + 3
+    assert len(budget) == 4 + 3
     runs = runs + budget
     evaluation = p.evaluation_harmful()
     assert len(evaluation) == 40 * len(c.languages)
