@@ -181,3 +181,18 @@ def test_each_recipe_is_compared_with_its_own_random_sets(tmp_path):
     assert "| random sets of ss-expansion (2 sets: random-ss-expansion-s0, random-ss-expansion-s1) |" in table
     assert "| ss-expansion | languages other than en | +100.0" in table
     assert "| lora |" not in table
+
+
+def test_the_trained_group_holds_the_run_s_languages_not_xcopa_s_others(tmp_path):
+    """XCOPA has languages the run never names (it, sw, ...): with `languages`, they are in neither transfer group,
+    so the trained group's name and its XCOPA cell hold the trained run languages only (zh here)."""
+    rows = {("en", "x/1"): "compliance", ("zh", "x/1"): "refusal", ("hi", "x/1"): "compliance"}
+    xcopa = {("zh", "c/1"): True, ("sw", "c/1"): False, ("it", "c/1"): False}
+    _write(tmp_path / "base", _rows(rows, xcopa=xcopa))
+    h = headline(tmp_path, never_trained=["hi"], languages=["en", "zh", "hi"], n_resamples=20)
+    assert h["group_names"]["trained"] == "trained languages (en, zh)"
+    trained = h["models"]["base"]["trained"]
+    assert trained["xcopa"]["n"] == 1 and trained["xcopa"]["value"] == 1.0
+    assert "xcopa" not in h["models"]["base"]["never-trained"]
+    # without `languages` (older callers) every language not never-trained counts as trained
+    assert headline(tmp_path, never_trained=["hi"], n_resamples=20)["models"]["base"]["trained"]["xcopa"]["n"] == 3

@@ -626,7 +626,7 @@ class Pipeline:
         tc = self.config.train
         h = headline(folder, high_resource=self.config.high_resource, never_trained=self.config.never_trained,
                      controls=random_controls(tc, self.config.seed) if "random" in tc.recipes else None,
-                     seed=self.config.seed)
+                     languages=self.config.languages, seed=self.config.seed)
         if not h["models"]:
             return None
         _write_json(folder / "headline.json", h)

@@ -70,11 +70,12 @@ def read_items(folder: Path) -> dict[str, dict[tuple[str, str, str], float]]:
 TRAINED, NEVER_TRAINED = "trained", "never-trained"  # the transfer split's pooled groups
 
 
-def _in_group(language: str, group: str, high_resource: Sequence[str], never_trained: Sequence[str]) -> bool:
+def _in_group(language: str, group: str, high_resource: Sequence[str], never_trained: Sequence[str],
+              languages: Sequence[str] | None = None) -> bool:
     if group == "other":
         return language not in high_resource
-    if group == TRAINED:
-        return language not in never_trained
+    if group == TRAINED:  # the run's languages that training may use (not XCOPA's extra languages)
+        return language not in never_trained and (languages is None or language in languages)
     if group == NEVER_TRAINED:
         return language in never_trained
     return language == group
@@ -82,9 +83,11 @@ def _in_group(language: str, group: str, high_resource: Sequence[str], never_tra
 
 def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), never_trained: Sequence[str] = (),
              controls: Mapping[str, Sequence[str]] | None = None, random_prefix: str = "random",
-             n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+             languages: Sequence[str] | None = None, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """See the module docstring. Models are the sub-folders of `eval_dir` holding `items.jsonl`; `base` first.
-    `never_trained`: the run's never-trained languages (`PipelineConfig.never_trained`; empty: no transfer groups).
+    `never_trained`: the run's never-trained languages (`PipelineConfig.never_trained`; empty: no transfer groups);
+    `languages`: the run's languages (`PipelineConfig.languages`): the trained group holds those not never-trained,
+    not the capability tasks' other languages (XCOPA's it, vi, sw, ...), which no recipe trained on either.
     `controls`: recipe -> its random control models (None: every `random_prefix` model controls every other one)."""
     root = Path(eval_dir)
     folders = sorted((p for p in root.iterdir() if (p / "items.jsonl").is_file()),
@@ -94,7 +97,8 @@ def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), ne
     seen = sorted({k[0] for model in items.values() for cells in model.values() for k in cells})
     names = {g: g for g in groups}
     names["other"] = "languages other than " + ", ".join(high_resource)
-    names[TRAINED] = "trained languages (" + ", ".join(x for x in seen if x not in never_trained) + ")"
+    names[TRAINED] = "trained languages (" + ", ".join(x for x in seen if _in_group(x, TRAINED, high_resource,
+                                                                                  never_trained, languages)) + ")"
     names[NEVER_TRAINED] = "never-trained languages (" + ", ".join(x for x in seen if x in never_trained) + ")"
     randoms = [m for m in items if m.startswith(random_prefix)]
     if controls is None:  # one family: every random model controls every other trained model
@@ -111,7 +115,7 @@ def headline(eval_dir: str | Path, *, high_resource: Sequence[str] = ("en",), ne
 
     def cell(model: str, metric: str, group: str) -> dict[tuple[str, str, str], float]:
         return {k: v for k, v in items[model][metric].items()
-                if _in_group(k[0], group, high_resource, never_trained)}
+                if _in_group(k[0], group, high_resource, never_trained, languages)}
 
     for model in items:
         entry: dict[str, Any] = {}
