@@ -1,4 +1,5 @@
-"""The main job: identify -> overlap -> validate -> train -> evaluate -> report, in one run folder.
+"""The main job: identify -> overlap -> validate -> train -> evaluate -> budget (off by default) -> report, in one
+run folder.
 
 Each stage writes into `<run>/<stage>/` and, when it finishes, a `stage.json` holding the fingerprint
 of its inputs (its config section, the data it read, the model, and the fingerprints of the stages it
