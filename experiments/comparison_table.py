@@ -18,15 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def pct(d: dict[str, Any] | None, signed: bool = False, ci: bool = True) -> str:
-    if not d or d.get("value") is None or not d.get("n"):
-        return "—"
-    f = "{:+.1f}" if signed else "{:.1f}"
-    out = f.format(100 * d["value"])
-    if ci and d.get("lo") is not None:
-        out += f" [{f.format(100 * d['lo'])}, {f.format(100 * d['hi'])}]"
-    return out
+from neuroshield.evaluate.headline import percent as pct
 
 
 def safety_table(h: dict[str, Any]) -> str:

@@ -53,7 +53,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                     raise ConfigError(f"{where}.{name}: expected whole numbers, got {bad}")
                 kwargs[name] = [int(v) for v in value]
             elif f.type == "list[float]":
-                kwargs[name] = [_number(v, f"{where}.{name}") for v in value]
+                kwargs[name] = [_number(v, f"{where}.{name}", "numbers") for v in value]
             else:
                 kwargs[name] = [str(v) for v in value]
         elif isinstance(default, bool):
@@ -61,13 +61,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 raise ConfigError(f"{where}.{name}: expected true/false, got {value!r}")
             kwargs[name] = value
         elif isinstance(default, (int, float)):
-            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+            value = _number(value, f"{where}.{name}")
             if isinstance(default, int) and float(value) != int(value):
                 raise ConfigError(f"{where}.{name}: expected a whole number, got {value!r}")
             kwargs[name] = type(default)(value)
@@ -76,15 +70,15 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _number(value: Any, where: str) -> float:
-    """A number of a list (YAML 1.1 reads 1e-3, without a dot, as text)."""
+def _number(value: Any, where: str, expected: str = "a number") -> float:
+    """A number from YAML (YAML 1.1 reads 1e-3, without a dot, as text); ConfigError naming `where` otherwise."""
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected numbers, got {value!r}")
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
     return float(value)
 
 

@@ -111,12 +111,10 @@ def format_budget(curve: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(columns, rows): one row per point (base first) and group: the parameters trained (neuron deltas, LoRA
     adapters) and their share of all, the weights they change once merged, both rates with intervals."""
     def pct(d: dict[str, Any] | None) -> str:
-        if not d or not d.get("n"):
-            return "—"
-        return f"{100 * d['value']:.1f} [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}]"
+        return Rate.from_dict(d).pct() if d and d.get("n") else "—"
 
-    cols = ["point", "recipe", "parameters trained", "share of all", "weights changed", "languages", "ASR by score % [95 % CI]",
-            "exaggerated refusal by score % [95 % CI]", "step kept", "train s"]
+    cols = ["point", "recipe", "parameters trained", "share of all", "weights changed", "languages", "ASR by score [95 % CI]",
+            "exaggerated refusal by score [95 % CI]", "step kept", "train s"]
     rows = []
     for p in [{**curve["base"], "name": "base", "recipe": "—", "parameters_trained": 0, "fraction_trained": 0.0,
                "parameters_updated": 0}] + curve["points"]:

@@ -177,13 +177,15 @@ def _paired(ref: dict[tuple[str, str, str], float], mine: dict[tuple[str, str, s
     return d
 
 
-def _pct(d: dict[str, Any] | None, signed: bool = False) -> str:
+def percent(d: dict[str, Any] | None, signed: bool = False, ci: bool = True) -> str:
+    """A share or a paired difference (a `Rate` / `paired_difference` dict) in percent or points, with its
+    interval unless `ci` is False; "—" for an empty cell."""
     if not d or d.get("n", 0) == 0 or d.get("value") is None:
         return "—"
     f = "{:+.1f}" if signed else "{:.1f}"
     lo, hi = d.get("lo"), d.get("hi")
-    ci = f" [{f.format(100 * lo)}, {f.format(100 * hi)}]" if lo is not None and hi is not None else ""
-    return f.format(100 * d["value"]) + ci
+    interval = f" [{f.format(100 * lo)}, {f.format(100 * hi)}]" if ci and lo is not None and hi is not None else ""
+    return f.format(100 * d["value"]) + interval
 
 
 def format_headline(h: dict[str, Any]) -> str:
@@ -198,10 +200,10 @@ def format_headline(h: dict[str, Any]) -> str:
                 continue
             n = g.get("asr", {}).get("n", 0)
             lines.append("| " + " | ".join([
-                model, f"{h['group_names'][group]} (n={n})", _pct(g.get("asr")), _pct(g.get("asr_vs_base"), True),
-                _pct(g.get("asr_vs_random"), True), _pct(g.get("invalid")), _pct(g.get("over_refusal")),
-                _pct(g.get("exaggerated_refusal")), _pct(g.get("exaggerated_refusal_vs_base"), True),
-                _pct(g.get("xcopa")), _pct(g.get("xcopa_vs_base"), True)]) + " |")
+                model, f"{h['group_names'][group]} (n={n})", percent(g.get("asr")), percent(g.get("asr_vs_base"), True),
+                percent(g.get("asr_vs_random"), True), percent(g.get("invalid")), percent(g.get("over_refusal")),
+                percent(g.get("exaggerated_refusal")), percent(g.get("exaggerated_refusal_vs_base"), True),
+                percent(g.get("xcopa")), percent(g.get("xcopa_vs_base"), True)]) + " |")
     return "\n".join(lines)
 
 
@@ -234,11 +236,12 @@ def format_random_sets(h: dict[str, Any], metric: str = "asr") -> str:
                 each = h["models"][model].get(group, {}).get(f"{metric}_vs_sets")
                 if not each:
                     continue
-                cells = [_pct(each.get(r), True) + (f" ({each[r]['fewer']}/{each[r]['more']})"
+                cells = [percent(each.get(r), True) + (f" ({each[r]['fewer']}/{each[r]['more']})"
                                                      if each.get(r, {}).get("n") else "") for r in sets]
                 lines.append("| " + " | ".join([model, h["group_names"][group], *cells,
                                                 *[""] * (width - len(cells))]) + " |")
     return "\n".join(lines)
 
 
-__all__ = ["headline", "format_headline", "format_random_sets", "read_items", "METRICS", "TRAINED", "NEVER_TRAINED"]
+__all__ = ["headline", "percent", "format_headline", "format_random_sets", "read_items", "METRICS", "TRAINED",
+           "NEVER_TRAINED"]
