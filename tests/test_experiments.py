@@ -259,3 +259,49 @@ def test_comparison_table_prints_each_recipe_against_base_and_its_own_sets(tmp_p
     assert "| precise-shield | trained languages (en) | 50.0 ± " in out and "random-s0: -75.0" in out
     assert "| precise-shield | 150 | 0.015 % | 150 | 6 (4) | 12 | 900 |" in out
     assert table.main([str(tmp_path / "missing")]) == 2
+
+
+def test_neuron_choice_trains_each_control_and_pairs_it_with_the_chosen_set(tmp_path: Path, one_thread) -> None:
+    """Every variant on a tiny run: the chosen set, its same-profile and flat controls, the other method's set and the
+    contrast-benign identify run's set, each trained and scored on held-in prompts no stage used; a rerun reuses all."""
+    _, folder = _tiny_folder(tmp_path)
+    cfg = tmp_path / "why.yaml"
+    cfg.write_text(f"""
+name: why
+model: {folder}
+dtype: float32
+out_dir: {tmp_path / 'runs'}
+languages: [en, zh, de]
+never_trained: [de]
+identify: {{per_language: 4, methods: [plnd, precise-shield], rho: 0.2, batch_size: 4}}
+validate: {{enabled: false}}
+train: {{recipes: [precise-shield], per_language: 3, benign_count: 2, benign_answers: reference, steps: 2,
+        batch_size: 2, max_length: 96, budget: 0.05}}
+""")
+    why = _script("neuron_choice")
+    out = tmp_path / "why.json"
+    assert why.main(["--config", str(cfg), "--harmful", "3", "--contrast", "2", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    points = r["points"]
+    assert list(points) == ["base", "chosen", "random", "random-flat", "method-precise-shield",
+                            "random-method-precise-shield", "benign-contrast", "random-benign-contrast"]
+    chosen, same, flat = (points[v]["set"] for v in ("chosen", "random", "random-flat"))
+    # the controls keep the chosen set's size; the same-profile one its count per layer, the flat one spreads it
+    assert same["neurons"] == flat["neurons"] == chosen["neurons"] > 0
+    assert same["by_layer"] == chosen["by_layer"]
+    counts = list(flat["by_layer"].values())
+    assert max(counts) - min(counts) <= 1
+    assert chosen["shared_with_chosen"] == chosen["neurons"]
+    # the contrast-benign identify run has its own folder; the prompts are held-in and unused: 3 + 2 per language
+    assert (tmp_path / "runs" / "why-benign-contrast" / "identify" / "plnd").is_dir()
+    assert points["base"]["groups"]["all"]["asr"]["n"] == 9
+    assert points["base"]["groups"]["never-trained"]["exaggerated_refusal"]["n"] == 2
+    # every variant paired with the chosen set on the same prompts; chosen against itself is not listed
+    d = r["paired"]["chosen"]["random"]["trained"]["asr"]
+    assert d["n"] == 6 and -1 <= d["value"] <= 1 and "chosen" not in r["paired"]["chosen"]
+    marker = tmp_path / "runs" / "why" / "neuron_choice" / "random-flat" / "point.json"
+    before = marker.stat().st_mtime_ns
+    assert why.main(["--config", str(cfg), "--harmful", "3", "--contrast", "2", "--out", str(out)]) == 0
+    assert marker.stat().st_mtime_ns == before
+    with pytest.raises(SystemExit, match="unknown"):
+        why.main(["--config", str(cfg), "--variants", "nope", "--out", str(out)])

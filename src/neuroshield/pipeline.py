@@ -295,8 +295,8 @@ class Pipeline:
     def train_recipe(self, name: str, out_dir: Path, *, resume: bool = True, export: bool = True,
                      progress: bool = True, loaded: Any = None,
                      on_step: Callable[[int, dict[str, Any]], float | None] | None = None,
-                     run: Any = None, lora_r: int | None = None, benign_cache: Path | None = None
-                     ) -> tuple[Any, Any]:
+                     run: Any = None, lora_r: int | None = None, benign_cache: Path | None = None,
+                     neuron_set: Any = None) -> tuple[Any, Any]:
         """Train the run `name` (a recipe of `train.recipes`, or random-s<seed>) from fresh base weights with its
         recipe's settings (`train.recipes.recipe_settings`) on `train_data(name)`; needs identify's sets for the neuron
         recipes. Returns (the trained LoadedModel, its TrainResult). The base model's benign
@@ -305,7 +305,8 @@ class Pipeline:
         in effect on `loaded` (the training sweep screens intermediate steps with it). `run`: a `RecipeRun` that is
         not one of `train.recipes` (the budget curve's points); `lora_r`: LoRA's rank (alpha 2 x rank; default:
         `TrainOptions`' r 16, alpha 32); `benign_cache`: where the base model's benign answers are cached (default:
-        beside `out_dir`)."""
+        beside `out_dir`); `neuron_set`: the set a neuron recipe trains, instead of the one its settings pick from
+        identify's sets (`experiments/neuron_choice.py`: sets of another identify run, a flat random set)."""
         from neuroshield.settings import TrainOptions
         from neuroshield.train.recipes import NEURON_RECIPES, recipe_neuron_set
         from neuroshield.train.trainer import train
@@ -315,8 +316,7 @@ class Pipeline:
         recipe, tc = run.recipe, run.settings
         harmful, benign = self.train_data(settings=tc)
         loaded = loaded if loaded is not None else self.base_model()  # every recipe starts from the base weights
-        neuron_set = None
-        if recipe in NEURON_RECIPES:
+        if recipe in NEURON_RECIPES and neuron_set is None:
             # random: the control of `random_of`'s set, with that recipe's settings (recipe_settings) and its own seed
             neuron_set = recipe_neuron_set(recipe, loaded, self.run_dir / "identify" / tc.method,
                                            set_languages=tc.set_languages or c.identify_languages,

@@ -245,6 +245,24 @@ def random_like(ns: NeuronSet, loaded: LoadedModel, seed: int) -> NeuronSet:
     return NeuronSet(units, {}, meta)
 
 
+def random_flat(ns: NeuronSet, loaded: LoadedModel, seed: int) -> NeuronSet:
+    """A control set with the same number of units of each site kind as `ns`, spread evenly over every layer (counts
+    differ by at most one; the remainder goes to the first layers), drawn uniformly within a layer, seeded: `ns`'s
+    size without its layer profile (`random_like` keeps both)."""
+    gen = torch.Generator().manual_seed(seed)
+    units: dict[str, torch.Tensor] = {}
+    for kind, total in ns.count_by_kind().items():
+        sites = resolve_sites(loaded.model, loaded.adapter, (kind,))
+        share, extra = divmod(total, len(sites))
+        for i, site in enumerate(sites):
+            k = min(site.width, share + (1 if i < extra else 0))
+            if k:
+                units[site.key] = torch.randperm(site.width, generator=gen)[:k].sort().values
+    meta = {"name": f"random-flat-{ns.name}-seed{seed}", "method": "random", "seed": seed, "control_of": ns.name,
+            "profile": "flat", "model_id": loaded.model_id, "config_hash": loaded.config_hash}
+    return NeuronSet(units, {}, meta)
+
+
 def from_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] | None = None,
                meta: dict[str, Any] | None = None) -> NeuronSet:
     """Build a set from boolean masks per site key (and optional full-width score vectors)."""
@@ -257,5 +275,5 @@ def from_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor] |
     return NeuronSet(units, sc, dict(meta or {}))
 
 
-__all__ = ["NeuronSet", "NeuronSetMismatchError", "random_like", "from_masks", "site_key", "SETS_MANIFEST",
-           "write_sets_manifest", "run_set_names"]
+__all__ = ["NeuronSet", "NeuronSetMismatchError", "random_like", "random_flat", "from_masks", "site_key",
+           "SETS_MANIFEST", "write_sets_manifest", "run_set_names"]
