@@ -42,9 +42,8 @@ from typing import Any
 from neuroshield import __version__
 from neuroshield.config import load_config
 from neuroshield.data.records import PromptRecord
-from neuroshield.evaluate.budget import language_groups, score_point
+from neuroshield.evaluate.budget import language_groups, paired_scores, score_point
 from neuroshield.evaluate.headline import percent as pct
-from neuroshield.evaluate.metrics import paired_difference
 from neuroshield.io import fingerprint, read_json, records_fingerprint, write_json
 from neuroshield.neurons.neuronset import NeuronSet, random_flat, random_like
 from neuroshield.neurons.splits import limit_per_group
@@ -90,21 +89,6 @@ def set_summary(ns: NeuronSet, chosen: NeuronSet | None) -> dict[str, Any]:
     if chosen is not None:
         shared = sum(len(set(ns.units.get(k, []).tolist()) & set(idx.tolist())) for k, idx in chosen.units.items())
         out["shared_with_chosen"] = shared
-    return out
-
-
-def paired(a: dict[str, Any], b: dict[str, Any], harmful: list[PromptRecord], contrast: list[PromptRecord],
-           groups: list[Any], seed: int) -> dict[str, Any]:
-    """b - a per group, paired on the same prompts: ASR by score and exaggerated refusal by score, in shares."""
-    n = len(harmful)
-    out: dict[str, Any] = {}
-    for name, member in groups:
-        ha = [float(s <= 0) for r, s in zip(harmful, a["scores"][:n]) if member(r.language)]
-        hb = [float(s <= 0) for r, s in zip(harmful, b["scores"][:n]) if member(r.language)]
-        ca = [float(s > 0) for r, s in zip(contrast, a["scores"][n:]) if member(r.language)]
-        cb = [float(s > 0) for r, s in zip(contrast, b["scores"][n:]) if member(r.language)]
-        out[name] = {"asr": paired_difference(ha, hb, seed=seed, key=f"why/asr/{name}").to_dict(),
-                     "exaggerated_refusal": paired_difference(ca, cb, seed=seed, key=f"why/ex/{name}").to_dict()}
     return out
 
 
@@ -183,7 +167,7 @@ def run(config: str, overrides: list[str], variants: list[str], harmful_per_lang
     comparisons: dict[str, Any] = {}
     for ref in ("base", "chosen", "random"):
         if ref in points:
-            comparisons[ref] = {v: paired(points[ref], p, harmful, contrast, groups, c.seed)
+            comparisons[ref] = {v: paired_scores(points[ref], p, harmful, contrast, groups, seed=c.seed)
                                 for v, p in points.items() if v != ref}
     result = {"command": "python experiments/neuron_choice.py " + " ".join(sys.argv[1:]),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "config": config, "overrides": overrides,

@@ -327,6 +327,12 @@ def test_the_budget_stage_trains_each_point_scores_it_and_reuses_finished_points
         assert p["groups"]["never-trained"]["asr"]["n"] == 3
     # the trained weights differ from the base: the scores move
     assert points["lora-r2"]["scores"] != curve["base"]["scores"]
+    # each precise-shield point against the random set at its budget, paired on the same prompts
+    assert {k: v["control"] for k, v in curve["vs_random"].items()} == {"precise-shield@1%": "random@1%",
+                                                                         "precise-shield@5%": "random@5%"}
+    pair = curve["vs_random"]["precise-shield@5%"]["groups"]["trained"]["asr"]
+    ps_asr, rnd_asr = (points[n]["groups"]["trained"]["asr"]["value"] for n in ("precise-shield@5%", "random@5%"))
+    assert pair["n"] == 6 and abs(pair["value"] - (ps_asr - rnd_asr)) < 1e-9
     assert (c.run_dir / "budget" / "budget.png").stat().st_size > 0
     before = {n: (c.run_dir / "budget" / n / "point.json").stat().st_mtime_ns for n in points}
     # a rerun with one more rank: only that point trains

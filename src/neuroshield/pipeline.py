@@ -541,7 +541,7 @@ class Pipeline:
         scored with the fast refusal score on the evaluation's held-out harmful and contrast prompts; the base model
         scored once. Writes `budget/budget.json` and `budget/budget.png`; a point finished with the same inputs is
         reused (`budget/<point>/point.json`), so an interrupted stage goes on where it stopped."""
-        from neuroshield.evaluate.budget import language_groups, plot_budget, score_point
+        from neuroshield.evaluate.budget import against_random, language_groups, plot_budget, score_point
         from neuroshield.train.recipes import NEURON_RECIPES
 
         c, bc, ec = self.config, self.config.budget, self.config.evaluate
@@ -597,7 +597,8 @@ class Pipeline:
                 del loaded
                 _write_json(marker, point)
                 points.append(point)
-            curve = {"base": base, "points": points, "group_names": {
+            curve = {"base": base, "points": points, "vs_random": against_random(points, harmful, contrast, groups,
+                                                                                  seed=c.seed), "group_names": {
                 "all": "all languages", "trained": "trained languages", "never-trained": "never-trained languages"},
                 "measure": "fast refusal score (judges.logprob.refusal_score) > 0 counts as a refusal"}
             _write_json(out / "budget.json", curve)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from neuroshield.data.records import PromptRecord
-from neuroshield.evaluate.metrics import N_RESAMPLES, Rate
+from neuroshield.evaluate.headline import percent
+from neuroshield.evaluate.metrics import N_RESAMPLES, Rate, paired_difference
 
 # the neuron recipes a budget trims: precise-shield's union, and the random control copying it at that budget
 # (ss-expansion trains the high-resource language's whole MS set, not a share)
@@ -61,6 +62,33 @@ def score_point(loaded: Any, harmful: Sequence[PromptRecord], contrast: Sequence
             "exaggerated_refusal": Rate.of(c, n_resamples=n_resamples, seed=seed,
                                            key=f"budget/exaggerated/{name}").to_dict()}
     return out
+
+
+def paired_scores(before: dict[str, Any], after: dict[str, Any], harmful: Sequence[PromptRecord],
+                  contrast: Sequence[PromptRecord], groups: Sequence[Group], *, n_resamples: int = N_RESAMPLES,
+                  seed: int = 0) -> dict[str, Any]:
+    """`after` - `before` per group, paired on the same prompts (two `score_point` results on `harmful` + `contrast`):
+    the ASR by score and the exaggerated refusal by score, in shares, with paired bootstrap 95 % intervals."""
+    n = len(harmful)
+    out: dict[str, Any] = {}
+    for name, member in groups:
+        h = [[float(s <= 0) for r, s in zip(harmful, x["scores"][:n]) if member(r.language)] for x in (before, after)]
+        c = [[float(s > 0) for r, s in zip(contrast, x["scores"][n:]) if member(r.language)] for x in (before, after)]
+        out[name] = {"asr": paired_difference(*h, n_resamples=n_resamples, seed=seed,
+                                              key=f"budget/pair/asr/{name}").to_dict(),
+                     "exaggerated_refusal": paired_difference(*c, n_resamples=n_resamples, seed=seed,
+                                                              key=f"budget/pair/exaggerated/{name}").to_dict()}
+    return out
+
+
+def against_random(points: Sequence[dict[str, Any]], harmful: Sequence[PromptRecord],
+                   contrast: Sequence[PromptRecord], groups: Sequence[Group], *, seed: int = 0) -> dict[str, Any]:
+    """point name -> {control, groups}: each neuron recipe's point against the random control at the same budget
+    (`paired_scores`), for the budgets that have both."""
+    randoms = {p["budget"]: p for p in points if p["recipe"] == "random"}
+    return {p["name"]: {"control": randoms[p["budget"]]["name"],
+                        "groups": paired_scores(randoms[p["budget"]], p, harmful, contrast, groups, seed=seed)}
+            for p in points if p["recipe"] != "random" and p.get("budget") in randoms}
 
 
 METRIC_TEXT = {"asr": "harmful prompts not refused (ASR by score), %",
@@ -114,17 +142,22 @@ def format_budget(curve: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         return Rate.from_dict(d).pct() if d and d.get("n") else "—"
 
     cols = ["point", "recipe", "parameters trained", "share of all", "weights changed", "languages", "ASR by score [95 % CI]",
-            "exaggerated refusal by score [95 % CI]", "step kept", "train s"]
+            "exaggerated refusal by score [95 % CI]", "Δ ASR vs random, same budget", "Δ exaggerated vs random",
+            "step kept", "train s"]
     rows = []
+    pairs = curve.get("vs_random", {})
     for p in [{**curve["base"], "name": "base", "recipe": "—", "parameters_trained": 0, "fraction_trained": 0.0,
                "parameters_updated": 0}] + curve["points"]:
         for group, g in p["groups"].items():
+            pair = pairs.get(p["name"], {}).get("groups", {}).get(group, {})
             rows.append([p["name"], p["recipe"], f"{p['parameters_trained']:,}", f"{100 * p['fraction_trained']:.3f} %",
                          f"{p['parameters_updated']:,}",
                          curve["group_names"].get(group, group), pct(g.get("asr")), pct(g.get("exaggerated_refusal")),
+                         percent(pair.get("asr"), True), percent(pair.get("exaggerated_refusal"), True),
                          str(p.get("selected_step") or "—"), f"{p['train_seconds']:.0f}" if p.get("train_seconds")
                          else "—"])
     return cols, rows
 
 
-__all__ = ["BUDGET_RECIPES", "language_groups", "score_point", "plot_budget", "format_budget", "Group"]
+__all__ = ["BUDGET_RECIPES", "language_groups", "score_point", "paired_scores", "against_random", "plot_budget",
+           "format_budget", "Group"]
