@@ -213,11 +213,14 @@ def budget_section(run: Path) -> Section | None:
             "budget) or LoRA at a rank (alpha = 2 x rank), keeping its last step unless budget.select_every is set. Measured without generation by the fast refusal score "
             "(log-odds of refusal against compliance openers at the first answer token; > 0 counts as a refusal) on "
             "the evaluation's held-out harmful prompts and the contrast set's eval part, with bootstrap 95 % "
-            "intervals. A screen of single runs, not the headline: the headline's numbers judge generated answers.")
+            "intervals; Δ vs random: a neuron point against the random set at its budget, paired on the same "
+            "prompts, in points. A screen of single runs, not the headline: the headline's numbers judge generated "
+            "answers.")
     png = run / "budget" / "budget.png"
     if png.is_file():
         sec.add(Figure(png, "ASR and exaggerated refusal by score against parameters trained", what,
                        png.relative_to(run).as_posix()))
     cols, rows = format_budget(curve)
-    sec.add(Table(cols, rows, what, [False, False, True, True, True, False, True, True, True, True], title="Budget points"))
+    sec.add(Table(cols, rows, what, [False, False, True, True, True, False, True, True, True, True, True, True],
+                      title="Budget points"))
     return sec
