@@ -7,7 +7,9 @@ Reads `<run>/evaluate/headline.json` (the pipeline's headline: shares with boots
 differences against the base model and against each recipe's own random sets) and `<run>/train/<model>/summary.json`.
 Prints two tables: per model (trained | never-trained languages) ASR with its interval and the paired differences,
 the invalid share, everyday over-refusal, exaggerated-safety refusal and XCOPA; then per model the parameters trained,
-their share, the weights changed, the training wall time and peak resident memory. Numbers are in % and points.
+their share, the weights changed, the training wall time and peak resident memory; and, when the run has one, the
+budget curve (`<run>/budget/budget.json`) with each neuron point against the random set at its budget. Numbers are
+in % and points.
 """
 
 from __future__ import annotations
@@ -74,6 +76,23 @@ def cost_table(run: Path, models: list[str]) -> str:
     return "\n".join(lines)
 
 
+def budget_table(curve: dict[str, Any]) -> str:
+    """The budget curve (`<run>/budget/budget.json`), one row per point: ASR by score per language group,
+    exaggerated refusal by score over all languages, and the paired Δ against the random set at the same budget."""
+    groups = [g for g in ("trained", "never-trained") if g in curve["base"]["groups"]] + ["all"]
+    cols = ["point", "parameters trained"] + [f"ASR {g}" for g in groups] + ["Δ ASR all vs random",
+                                                                            "exaggerated all", "Δ exaggerated vs random"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    pairs = curve.get("vs_random", {})
+    for p in [{**curve["base"], "name": "base", "parameters_trained": 0}] + curve["points"]:
+        pair = pairs.get(p["name"], {}).get("groups", {}).get("all", {})
+        row = [p["name"], f"{p['parameters_trained']:,}"] + [pct(p["groups"][g]["asr"]) for g in groups]
+        row += [pct(pair.get("asr"), True), pct(p["groups"]["all"]["exaggerated_refusal"]),
+                pct(pair.get("exaggerated_refusal"), True)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a pipeline run folder (runs/<name>)")
@@ -88,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if sets.count("\n") > 1:
         print("\n" + sets)
     print("\n" + cost_table(args.run, list(h["models"])))
+    budget = args.run / "budget" / "budget.json"
+    if budget.is_file():
+        print("\nBudget curve (fast refusal score, %; Δ in points, paired):\n")
+        print(budget_table(json.loads(budget.read_text(encoding="utf-8"))))
     return 0
 
 

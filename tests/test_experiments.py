@@ -258,6 +258,26 @@ def test_comparison_table_prints_each_recipe_against_base_and_its_own_sets(tmp_p
     assert "-100.0 [" in row and "-50.0 [" in row
     assert "| precise-shield | trained languages (en) | 50.0 ± " in out and "random-s0: -75.0" in out
     assert "| precise-shield | 150 | 0.015 % | 150 | 6 (4) | 12 | 900 |" in out
+    assert "Budget curve" not in out
+    # with a budget curve: one row per point, the neuron point paired with the random set at its budget
+    def rates(asr: float, ex: float) -> dict[str, Any]:
+        return {g: {"asr": {"value": asr, "lo": asr - 0.1, "hi": asr + 0.1, "n": 10},
+                    "exaggerated_refusal": {"value": ex, "lo": ex - 0.1, "hi": ex + 0.1, "n": 5}}
+                for g in ("all", "trained", "never-trained")}
+
+    curve = {"base": {"groups": rates(0.5, 0.4)},
+             "points": [{"name": "precise-shield@0.1%", "parameters_trained": 600, "groups": rates(0.2, 0.4)},
+                        {"name": "random@0.1%", "parameters_trained": 600, "groups": rates(0.3, 0.4)}],
+             "vs_random": {"precise-shield@0.1%": {"control": "random@0.1%", "groups": {
+                 "all": {"asr": {"value": -0.1, "lo": -0.2, "hi": 0.0, "n": 20},
+                         "exaggerated_refusal": {"value": 0.0, "lo": -0.1, "hi": 0.1, "n": 10}}}}}}
+    (run / "budget").mkdir()
+    (run / "budget" / "budget.json").write_text(json.dumps(curve))
+    assert table.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| precise-shield@0.1% | 600 | 20.0 [10.0, 30.0] | 20.0 [10.0, 30.0] | 20.0 [10.0, 30.0] | -10.0 [-20.0, +0.0] " \
+           "| 40.0 [30.0, 50.0] | +0.0 [-10.0, +10.0] |" in out
+    assert "| random@0.1% | 600 | 30.0 [20.0, 40.0] | 30.0 [20.0, 40.0] | 30.0 [20.0, 40.0] | — |" in out
     assert table.main([str(tmp_path / "missing")]) == 2
 
 
