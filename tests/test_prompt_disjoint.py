@@ -50,9 +50,10 @@ def test_transfer_evaluation_ids_are_in_no_recipe_s_training_and_never_trained_l
     assert [r.name for r in runs] == ["precise-shield", "ss-expansion", "random-s0", "random-s1", "random-s2",
                                       "random-ss-expansion-s0", "random-ss-expansion-s1", "random-ss-expansion-s2",
                                       "lora", "full"]
-    # the budget curve's points train on the same data as the recipes they trim (and LoRA's)
+    # the budget curve's points (precise-shield and its random control at four budgets, LoRA at three ranks) train
+    # on the same data as the recipes they trim (and LoRA's)
     budget = [run for run, _ in p.budget_runs()]
-    assert len(budget) == 4 + 3
+    assert len(budget) == 4 + 4 + 3
     runs = runs + budget
     evaluation = p.evaluation_harmful()
     assert len(evaluation) == 40 * len(c.languages)
