@@ -169,6 +169,11 @@ def run(config: str, overrides: list[str], variants: list[str], harmful_per_lang
         if ref in points:
             comparisons[ref] = {v: paired_scores(points[ref], p, harmful, contrast, groups, seed=c.seed)
                                 for v, p in points.items() if v != ref}
+    # each chosen set against the random set that copies its count per layer (its own control)
+    own = {v: ("random" if v == "chosen" else f"random-{v}") for v in points
+           if v != "base" and not v.startswith("random")}
+    comparisons["own control"] = {f"{v} vs {r}": paired_scores(points[r], points[v], harmful, contrast, groups,
+                                                                seed=c.seed) for v, r in own.items() if r in points}
     result = {"command": "python experiments/neuron_choice.py " + " ".join(sys.argv[1:]),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "config": config, "overrides": overrides,
               "identify": identified.get("fingerprint"), "method": method, "budget": settings.budget,
@@ -194,7 +199,8 @@ def format_result(result: dict[str, Any]) -> str:
             row += [pct(p["groups"][g]["asr"]), pct(p["groups"][g]["exaggerated_refusal"])]
         lines.append("| " + " | ".join(row) + " |")
     for ref, by_variant in result["paired"].items():
-        lines += ["", f"Paired against {ref} (points, 95 % CI):", "",
+        lines += ["", f"Paired against {ref} (points, 95 % CI):" if ref != "own control" else
+                  "Each chosen set against its own random set (same count per layer; points, 95 % CI):", "",
                   "| variant | " + " | ".join(f"Δ ASR {g} | Δ exaggerated {g}" for g in groups) + " |",
                   "|---|" + "---|---|" * len(groups)]
         for v, d in by_variant.items():

@@ -319,6 +319,10 @@ train: {{recipes: [precise-shield], per_language: 3, benign_count: 2, benign_ans
     # every variant paired with the chosen set on the same prompts; chosen against itself is not listed
     d = r["paired"]["chosen"]["random"]["trained"]["asr"]
     assert d["n"] == 6 and -1 <= d["value"] <= 1 and "chosen" not in r["paired"]["chosen"]
+    # and each chosen set against its own same-profile random set
+    assert list(r["paired"]["own control"]) == ["chosen vs random", "method-precise-shield vs random-method-precise-shield",
+                                                "benign-contrast vs random-benign-contrast"]
+    assert r["paired"]["own control"]["chosen vs random"] == r["paired"]["random"]["chosen"]
     marker = tmp_path / "runs" / "why" / "neuron_choice" / "random-flat" / "point.json"
     before = marker.stat().st_mtime_ns
     assert why.main(["--config", str(cfg), "--harmful", "3", "--contrast", "2", "--out", str(out)]) == 0
