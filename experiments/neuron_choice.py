@@ -71,10 +71,7 @@ def diagnostic_prompts(pipe: Pipeline, harmful_per_language: int, contrast_per_l
 
 
 def identify_prompt_ids(pipe: Pipeline) -> set[str]:
-    c, ic = pipe.config, pipe.config.identify
-    langs = c.identify_languages
-    ids = {r.id for s in ic.harmful for r in pipe.prompts(s, "harmful", langs, "held-in", ic.per_language)}
-    return ids | {r.id for s in ic.benign for r in pipe.prompts(s, "benign", langs, "held-in", ic.per_language)}
+    return {r.id for recs in pipe.identify_prompts() for r in recs}
 
 
 def set_digest(ns: NeuronSet) -> str:

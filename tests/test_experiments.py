@@ -33,17 +33,20 @@ def _tiny_folder(tmp_path: Path) -> tuple[Any, Path]:
     return lm, folder
 
 
-def _tiny_config(tmp_path: Path, languages: str, train: str) -> Path:
-    """A pipeline config on a tiny saved model; `train` is the inside of the `train:` mapping."""
+def _tiny_config(tmp_path: Path, languages: str, train: str, methods: str = "plnd", extra: str = "",
+                 name: str = "tiny") -> Path:
+    """A pipeline config on a tiny saved model; `train` is the inside of the `train:` mapping, `methods` identify's,
+    `extra` more top-level lines."""
     _, folder = _tiny_folder(tmp_path)
-    cfg = tmp_path / "tiny.yaml"
+    cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(f"""
-name: tiny
+name: {name}
 model: {folder}
 dtype: float32
 out_dir: {tmp_path / 'runs'}
 languages: [{languages}]
-identify: {{per_language: 4, methods: [plnd], rho: 0.1, batch_size: 4}}
+{extra}
+identify: {{per_language: 4, methods: [{methods}], rho: 0.1, batch_size: 4}}
 train: {{recipes: [precise-shield], per_language: 4, benign_count: 2, benign_answers: reference, batch_size: 2,
         max_length: 96, budget: 0.05, {train}}}
 """)
@@ -284,20 +287,8 @@ def test_comparison_table_prints_each_recipe_against_base_and_its_own_sets(tmp_p
 def test_neuron_choice_trains_each_control_and_pairs_it_with_the_chosen_set(tmp_path: Path, one_thread) -> None:
     """Every variant on a tiny run: the chosen set, its same-profile and flat controls, the other method's set and the
     contrast-benign identify run's set, each trained and scored on held-in prompts no stage used; a rerun reuses all."""
-    _, folder = _tiny_folder(tmp_path)
-    cfg = tmp_path / "why.yaml"
-    cfg.write_text(f"""
-name: why
-model: {folder}
-dtype: float32
-out_dir: {tmp_path / 'runs'}
-languages: [en, zh, de]
-never_trained: [de]
-identify: {{per_language: 4, methods: [plnd, precise-shield], rho: 0.2, batch_size: 4}}
-validate: {{enabled: false}}
-train: {{recipes: [precise-shield], per_language: 3, benign_count: 2, benign_answers: reference, steps: 2,
-        batch_size: 2, max_length: 96, budget: 0.05}}
-""")
+    cfg = _tiny_config(tmp_path, "en, zh, de", "steps: 2", methods="plnd, precise-shield", name="why",
+                       extra="never_trained: [de]\nvalidate: {enabled: false}")
     why = _script("neuron_choice")
     out = tmp_path / "why.json"
     assert why.main(["--config", str(cfg), "--harmful", "3", "--contrast", "2", "--out", str(out)]) == 0

@@ -183,17 +183,25 @@ class Pipeline:
         return {**record, "outputs": self.resolved(record["outputs"])}
 
     # --- stages -----------------------------------------------------------------------------------
+    def identify_prompts(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        """(harmful, benign) held-in prompts identify contrasts, `identify.per_language` per language of
+        `identify_languages` (never-trained languages are left out unless `identify_never_trained`)."""
+        c, ic = self.config, self.config.identify
+        langs = c.identify_languages
+        harmful = [r for s in ic.harmful for r in self.prompts(s, "harmful", langs, "held-in", ic.per_language)]
+        benign = [r for s in ic.benign for r in self.prompts(s, "benign", langs, "held-in", ic.per_language)]
+        return harmful, benign
+
     def identify(self) -> dict[str, Any]:
         from neuroshield.neurons.identify import identify, overlap_report
 
         c, ic = self.config, self.config.identify
-        langs = c.identify_languages  # identify_never_trained: false leaves the never-trained languages out
-        harmful = [r for s in ic.harmful for r in self.prompts(s, "harmful", langs, "held-in", ic.per_language)]
+        langs = c.identify_languages
+        harmful, benign = self.identify_prompts()
         if "image" in c.modalities:
             from neuroshield.data.typography import render_prompt_records
 
             harmful += render_prompt_records(harmful, self.run_dir / "images")
-        benign = [r for s in ic.benign for r in self.prompts(s, "benign", langs, "held-in", ic.per_language)]
         inputs = {"config": ic.__dict__, "languages": langs, "high_resource": c.high_resource,
                   "model": self.model_identity(), "harmful": _records_fingerprint(harmful),
                   "benign": _records_fingerprint(benign)}
